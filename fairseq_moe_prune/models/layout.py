@@ -1,0 +1,88 @@
+"""The one definition of "the MoE layers of this model", computed from its config alone.
+
+The recorder, the statistics fingerprint, checkpoint surgery and converters all ask this module
+which layers are MoE layers, in which order, under which state-dict prefix, with how many
+experts, so that a checkpoint can be understood without building the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence
+
+SIDES = ("encoder", "decoder")
+
+
+class MoEConfigError(ValueError):
+    """The MoE fields of a model config are inconsistent."""
+
+
+@dataclass(frozen=True)
+class MoELayerSpec:
+    side: str  # "encoder" or "decoder"
+    layer: int  # index of the transformer layer within its side
+    num_experts: int
+
+    @property
+    def prefix(self) -> str:
+        """State-dict prefix of this MoE block, e.g. ``encoder.layers.3.moe_layer``."""
+        return f"{self.side}.layers.{self.layer}.moe_layer"
+
+    @property
+    def name(self) -> str:
+        """Short human name, e.g. ``enc3``."""
+        return f"{self.side[:3]}{self.layer}"
+
+
+def _get(cfg: Any, name: str, default: Any = None) -> Any:
+    if isinstance(cfg, dict):
+        return cfg.get(name, default)
+    value = getattr(cfg, name, default)
+    return default if value is None else value
+
+
+def parse_counts(text: Optional[str]) -> Optional[List[int]]:
+    """``"4,4,2"`` -> ``[4, 4, 2]``; empty or None -> None."""
+    if text is None or str(text).strip() == "":
+        return None
+    try:
+        counts = [int(part) for part in str(text).split(",")]
+    except ValueError:
+        raise MoEConfigError(f"expert counts must be comma-separated integers, got {text!r}")
+    if any(count < 1 for count in counts):
+        raise MoEConfigError(f"every MoE layer needs at least one expert, got {text!r}")
+    return counts
+
+
+def format_counts(counts: Sequence[int]) -> str:
+    return ",".join(str(count) for count in counts)
+
+
+def moe_layer_indices(cfg: Any, side: str) -> List[int]:
+    """NLLB's rule: layer i is an MoE layer when ``(i + 1) % freq == 0``, freq = max(side, global)."""
+    num_layers = int(_get(cfg, f"{side}_layers", 0))
+    freq = max(int(_get(cfg, f"{side}_moe_freq", 0)), int(_get(cfg, "moe_freq", 0)))
+    if freq <= 0:
+        return []
+    return [i for i in range(num_layers) if (i + 1) % freq == 0]
+
+
+def moe_layers(cfg: Any) -> List[MoELayerSpec]:
+    """The MoE layers of a model config (argparse Namespace, omegaconf or dict), encoder first."""
+    specs: List[MoELayerSpec] = []
+    default_count = int(_get(cfg, "moe_expert_count", 0))
+    for side in SIDES:
+        indices = moe_layer_indices(cfg, side)
+        counts = parse_counts(_get(cfg, f"{side}_moe_expert_counts"))
+        if counts is None:
+            counts = [default_count] * len(indices)
+        if len(counts) != len(indices):
+            raise MoEConfigError(
+                f"{side}_moe_expert_counts lists {len(counts)} counts but the {side} has "
+                f"{len(indices)} MoE layers"
+            )
+        for layer, count in zip(indices, counts):
+            if count < 1:
+                raise MoEConfigError(f"{side} layer {layer} is an MoE layer but has {count} experts")
+            specs.append(MoELayerSpec(side, layer, count))
+    return specs

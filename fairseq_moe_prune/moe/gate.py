@@ -1,0 +1,184 @@
+"""Top-1 and top-2 gating with NLLB-200's semantics, as functions of tensors.
+
+The numbers follow fairseq's ``nllb`` branch (``fairseq/modules/moe/top2gate.py``): softmax over all
+experts (optionally in fp32), top-1 by argmax, top-2 by argmax with the top-1 masked, capacity
+slots assigned in token order, dropped assignments removed, and the two weights renormalised.
+Instead of NLLB's dense ``(tokens, experts, capacity)`` combine tensor we return, per token,
+the ids of its experts and the weight of each, so dispatch costs O(tokens) memory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SECOND_EXPERT_POLICIES = ("all", "sampling", "random")
+
+
+@dataclass
+class Routing:
+    """What a gate decided for a flat batch of S tokens.
+
+    ``experts[s, j]`` is the j-th choice of token s (j = 0 for top-1, 1 for top-2), chosen before
+    capacity dropping and padding masking; ``weights[s, j]`` is the combine weight that choice
+    gets, 0 where it was dropped, masked or not sampled. ``probs`` is the full softmax.
+    """
+
+    probs: Tensor  # (S, E), float32 when gating in fp32
+    experts: Tensor  # (S, k), int64
+    weights: Tensor  # (S, k), in the input dtype
+    l_aux: Tensor  # scalar load-balancing loss
+
+
+def expert_capacity(
+    num_tokens: int,
+    num_experts: int,
+    top_k: int,
+    training: bool,
+    eval_capacity_token_fraction: float,
+) -> int:
+    """Slots per expert: NLLB uses a fraction of all tokens at inference, k*ceil(S/E) in training."""
+    if not training and eval_capacity_token_fraction > 0.0:
+        return math.ceil(eval_capacity_token_fraction * num_tokens)
+    return top_k * math.ceil(num_tokens / num_experts)
+
+
+def load_balancing_loss(probs: Tensor, top1_mask: Tensor) -> Tensor:
+    """GShard's auxiliary loss: mean(me * ce) * E^2, minimal when routing is uniform."""
+    num_experts = probs.shape[1]
+    me = probs.mean(dim=0)
+    ce = top1_mask.to(probs.dtype).mean(dim=0)
+    return (me * ce).mean() * num_experts * num_experts
+
+
+def gate_probabilities(logits: Tensor, use_fp32: bool) -> Tuple[Tensor, Tensor]:
+    """(logits, softmax over experts), in fp32 when asked, as NLLB's gates run under fp16."""
+    if use_fp32:
+        logits = logits.float()
+    return logits, F.softmax(logits, dim=1)
+
+
+def within_capacity(mask: Tensor, positions: Tensor, capacity: int) -> Tensor:
+    """Per token: does its assignment in ``mask`` (tokens x experts, one-hot) get a slot?"""
+    return (mask * (positions < capacity)).sum(dim=1).bool()
+
+
+def slot_positions(mask: Tensor, priority: Optional[Tensor]) -> Tensor:
+    """Position of each (token, expert) assignment in its expert's buffer: a running count.
+
+    With ``priority`` (batch-prioritized routing) tokens with higher priority take slots first.
+    """
+    if priority is None:
+        return torch.cumsum(mask, dim=0) - 1
+    order = torch.argsort(-priority, dim=0, stable=True)
+    positions = torch.cumsum(mask[order], dim=0) - 1
+    return positions[torch.argsort(order, dim=0)]
+
+
+def top2gating(
+    logits: Tensor,
+    padding_mask: Optional[Tensor] = None,
+    *,
+    use_fp32: bool = False,
+    second_expert_policy: str = "sampling",
+    normalize_gate_prob_before_dropping: bool = False,
+    training: bool = False,
+    eval_capacity_token_fraction: float = 0.25,
+    batch_prioritized_routing: bool = False,
+) -> Routing:
+    """Route each of the S tokens of ``logits`` (S, E) to two experts.
+
+    ``padding_mask`` (S,) marks tokens that take no expert slot (NLLB's ``use_moe_pad_mask``).
+    """
+    if second_expert_policy not in SECOND_EXPERT_POLICIES:
+        raise ValueError(f"unknown second expert policy {second_expert_policy!r}")
+    out_dtype = logits.dtype
+    logits, probs = gate_probabilities(logits, use_fp32)
+    num_tokens, num_experts = probs.shape
+
+    top1 = probs.argmax(dim=1)
+    top1_mask = F.one_hot(top1, num_experts)
+    second_logits = logits
+    if second_expert_policy == "sampling":
+        # Gumbel-max trick: sample the second expert from the softmax instead of taking the argmax.
+        gumbel = torch.distributions.gumbel.Gumbel(
+            torch.tensor(0.0, device=logits.device), torch.tensor(1.0, device=logits.device)
+        )
+        second_logits = logits + gumbel.rsample(logits.shape).to(logits.dtype)
+    top2 = second_logits.masked_fill(top1_mask.bool(), float("-inf")).argmax(dim=1)
+    top2_mask = F.one_hot(top2, num_experts)
+
+    gate1 = probs.gather(1, top1[:, None]).squeeze(1)
+    gate2 = probs.gather(1, top2[:, None]).squeeze(1)
+    if normalize_gate_prob_before_dropping:
+        denom = torch.clamp(gate1 + gate2, min=torch.finfo(gate1.dtype).eps)
+        gate1, gate2 = gate1 / denom, gate2 / denom
+    if second_expert_policy == "random":
+        # keep the second expert with probability 2 * its gate value
+        top2_mask = top2_mask * (2 * gate2 > torch.rand_like(gate2))[:, None]
+    if padding_mask is not None:
+        real = (~padding_mask)[:, None]
+        top1_mask = top1_mask * real
+        top2_mask = top2_mask * real
+
+    priority = probs.max(dim=1).values if batch_prioritized_routing else None
+    positions1 = slot_positions(top1_mask, priority)
+    # second choices queue behind every first choice of the same expert
+    positions2 = slot_positions(top2_mask, priority) + top1_mask.sum(dim=0, keepdim=True)
+    l_aux = load_balancing_loss(probs, top1_mask)
+
+    capacity = expert_capacity(num_tokens, num_experts, 2, training, eval_capacity_token_fraction)
+    kept1 = within_capacity(top1_mask, positions1, capacity)
+    kept2 = within_capacity(top2_mask, positions2, capacity)
+
+    if normalize_gate_prob_before_dropping:
+        weight1 = gate1 * kept1
+        weight2 = gate2 * kept2
+    else:
+        weight1 = probs.gather(1, top1[:, None]).squeeze(1) * kept1
+        weight2 = probs.gather(1, top2[:, None]).squeeze(1) * kept2
+        denom = torch.clamp(weight1 + weight2, min=torch.finfo(weight1.dtype).eps)
+        weight1, weight2 = weight1 / denom, weight2 / denom
+
+    return Routing(
+        probs=probs,
+        experts=torch.stack([top1, top2], dim=1),
+        weights=torch.stack([weight1, weight2], dim=1).to(out_dtype),
+        l_aux=l_aux,
+    )
+
+
+def top1gating(
+    logits: Tensor,
+    padding_mask: Optional[Tensor] = None,
+    *,
+    use_fp32: bool = False,
+    training: bool = False,
+    eval_capacity_token_fraction: float = 0.25,
+) -> Routing:
+    """Route each token to its argmax expert with weight = its gate probability (Switch style)."""
+    out_dtype = logits.dtype
+    _, probs = gate_probabilities(logits, use_fp32)
+    num_tokens, num_experts = probs.shape
+
+    top1 = probs.argmax(dim=1)
+    top1_mask = F.one_hot(top1, num_experts)
+    if padding_mask is not None:
+        top1_mask = top1_mask * (~padding_mask)[:, None]
+    positions = slot_positions(top1_mask, None)
+    l_aux = load_balancing_loss(probs, top1_mask)
+
+    capacity = expert_capacity(num_tokens, num_experts, 1, training, eval_capacity_token_fraction)
+    kept = within_capacity(top1_mask, positions, capacity)
+    weight = probs.gather(1, top1[:, None]).squeeze(1) * kept
+    return Routing(
+        probs=probs,
+        experts=top1[:, None],
+        weights=weight[:, None].to(out_dtype),
+        l_aux=l_aux,
+    )

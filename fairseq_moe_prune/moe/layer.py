@@ -1,0 +1,149 @@
+"""The MoE feed-forward block: a gate, a list of expert FFNs, dispatch and combine.
+
+Parameter names match NLLB's checkpoints: ``gate.wg.weight`` and ``experts.{j}.fc1/fc2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from fairseq import utils
+from fairseq.modules.fairseq_dropout import FairseqDropout
+
+from fairseq_moe_prune.moe.gate import Routing, top1gating, top2gating
+
+
+@dataclass(frozen=True)
+class GateOptions:
+    """NLLB's gating flags, as named in its config (``moe_*``)."""
+
+    top1: bool = False
+    use_fp32: bool = False
+    second_expert_policy: str = "sampling"
+    normalize_gate_prob_before_dropping: bool = False
+    eval_capacity_token_fraction: float = 0.25
+    batch_prioritized_routing: bool = False
+    use_pad_mask: bool = False
+
+
+class Gate(nn.Module):
+    """A bias-free linear router; the routing itself lives in :mod:`fairseq_moe_prune.moe.gate`."""
+
+    def __init__(self, embed_dim: int, num_experts: int, options: GateOptions):
+        super().__init__()
+        self.wg = nn.Linear(embed_dim, num_experts, bias=False)
+        self.options = options
+
+    def forward(self, tokens: Tensor, padding_mask: Optional[Tensor]) -> Routing:
+        logits = self.wg(tokens)
+        opts = self.options
+        if opts.top1:
+            return top1gating(
+                logits,
+                padding_mask,
+                use_fp32=opts.use_fp32,
+                training=self.training,
+                eval_capacity_token_fraction=opts.eval_capacity_token_fraction,
+            )
+        return top2gating(
+            logits,
+            padding_mask,
+            use_fp32=opts.use_fp32,
+            second_expert_policy=opts.second_expert_policy,
+            normalize_gate_prob_before_dropping=opts.normalize_gate_prob_before_dropping,
+            training=self.training,
+            eval_capacity_token_fraction=opts.eval_capacity_token_fraction,
+            batch_prioritized_routing=opts.batch_prioritized_routing,
+        )
+
+
+class Expert(nn.Module):
+    """One expert: the plain transformer FFN (fc1, activation, dropout, fc2)."""
+
+    def __init__(self, embed_dim: int, ffn_dim: int, activation_fn: str, activation_dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(embed_dim, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, embed_dim)
+        self.activation_fn = utils.get_activation_fn(activation_fn)
+        self.activation_dropout = FairseqDropout(activation_dropout, module_name="Expert")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.activation_dropout(self.activation_fn(self.fc1(x))))
+
+
+# Called after every forward with (layer, routing, padding_mask); used to record gate decisions.
+RoutingObserver = Callable[["MoELayer", Routing, Optional[Tensor]], None]
+
+
+class MoELayer(nn.Module):
+    """Replaces a transformer layer's FFN: each token goes to its top-1 (or top-2) experts.
+
+    ``eom`` is NLLB's expert output masking: in training each (token, expert) output is zeroed
+    with probability ``eom`` (no rescaling), at inference every output is scaled by ``1 - eom``.
+    After each forward ``l_aux`` holds the layer's load-balancing loss for the criterion.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        ffn_dim: int,
+        num_experts: int,
+        gate_options: GateOptions,
+        activation_fn: str = "relu",
+        activation_dropout: float = 0.0,
+        eom: float = 0.0,
+    ):
+        super().__init__()
+        self.gate = Gate(embed_dim, num_experts, gate_options)
+        self.experts = nn.ModuleList(
+            Expert(embed_dim, ffn_dim, activation_fn, activation_dropout) for _ in range(num_experts)
+        )
+        self.eom = eom
+        self.l_aux: Optional[Tensor] = None
+        self.observer: Optional[RoutingObserver] = None
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+        """``x``: (batch, time, dim); ``padding_mask``: (batch, time), True at padding."""
+        batch, time, dim = x.shape
+        tokens = x.reshape(-1, dim)
+        flat_padding = padding_mask.reshape(-1) if padding_mask is not None else None
+        gate_padding = flat_padding if self.gate.options.use_pad_mask else None
+        routing = self.gate(tokens, gate_padding)
+        self.l_aux = routing.l_aux
+        if self.observer is not None:
+            self.observer(self, routing, flat_padding)
+        return self.dispatch_and_combine(tokens, routing).reshape(batch, time, dim)
+
+    def dispatch_and_combine(self, tokens: Tensor, routing: Routing) -> Tensor:
+        """Run each expert once on the tokens routed to it and add up the weighted outputs."""
+        top_k = routing.experts.shape[1]
+        weights = routing.weights.reshape(-1)
+        experts = routing.experts.reshape(-1)
+        token_ids = torch.arange(tokens.shape[0], device=tokens.device).repeat_interleave(top_k)
+        routed = weights != 0  # NLLB dispatches exactly where the combine weight is non-zero
+        weights, experts, token_ids = weights[routed], experts[routed], token_ids[routed]
+
+        experts, order = torch.sort(experts, stable=True)
+        token_ids, weights = token_ids[order], weights[order]
+        counts = torch.bincount(experts, minlength=self.num_experts).tolist()
+        chunks = tokens[token_ids].split(counts)
+        outputs = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])
+
+        if self.eom > 0:
+            if self.training:
+                keep = torch.rand(outputs.shape[0], 1, device=outputs.device) > self.eom
+                outputs = outputs * keep
+            else:
+                outputs = outputs * (1 - self.eom)
+        combined = torch.zeros_like(tokens)
+        combined.index_add_(0, token_ids, outputs * weights[:, None])
+        return combined

@@ -1,0 +1,148 @@
+"""Accumulate the gate decisions of a model's MoE layers, on the model's device.
+
+The recorder never recomputes a routing: each MoE layer hands it the :class:`Routing` it used.
+Counts of a batch are staged and only committed when the whole batch (encoder and decoder) is
+done, so a file written after an interruption covers exactly the finished batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from typing import Any, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fairseq_moe_prune.models.layout import MoELayerSpec, moe_layers
+from fairseq_moe_prune.moe.gate import Routing
+from fairseq_moe_prune.moe.layer import MoELayer
+from fairseq_moe_prune.stats import (
+    PROB_SCALE,
+    Fingerprint,
+    LayerCounts,
+    MoEStats,
+    PairStats,
+)
+
+
+def model_layout(model: torch.nn.Module) -> List[MoELayerSpec]:
+    """The MoE layers of a built model, from its config (legacy models keep it in ``args``)."""
+    config = getattr(model, "args", None) or getattr(model, "cfg", None)
+    return moe_layers(config)
+
+
+def gate_fingerprint(gate_weights: List[Tensor], specs: List[MoELayerSpec]) -> Fingerprint:
+    """Hash the gates as fp16 bytes, so fp32 and fp16 copies of one model agree."""
+    digest = hashlib.sha256()
+    for weight in gate_weights:
+        digest.update(weight.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
+    return Fingerprint([(spec.prefix, spec.num_experts) for spec in specs], digest.hexdigest())
+
+
+def model_fingerprint(model: torch.nn.Module) -> Fingerprint:
+    specs = model_layout(model)
+    weights = [model.get_submodule(spec.prefix).gate.wg.weight for spec in specs]
+    return gate_fingerprint(weights, specs)
+
+
+def routing_counts(routing: Routing, padding: Optional[Tensor]) -> List[Tensor]:
+    """[tokens, top1, top2, prob_sum, prob_first_sum, prob_second_sum, rank_sum] over real tokens.
+
+    Pure tensor ops with no host synchronisation: padding is excluded by a 0/1 weight.
+    """
+    probs = routing.probs.float()
+    num_tokens, num_experts = probs.shape
+    real = torch.ones(num_tokens, dtype=torch.long, device=probs.device)
+    if padding is not None:
+        real = (~padding).long()
+    fixed = torch.round(probs * PROB_SCALE).long() * real[:, None]
+    first, second = routing.experts[:, 0], routing.experts[:, -1]
+    zeros = torch.zeros(num_experts, dtype=torch.long, device=probs.device)
+
+    top1 = zeros.scatter_add(0, first, real)
+    prob_first = zeros.scatter_add(0, first, fixed.gather(1, first[:, None]).squeeze(1))
+    if routing.experts.shape[1] > 1:
+        top2 = top1.scatter_add(0, second, real)
+        prob_second = zeros.scatter_add(0, second, fixed.gather(1, second[:, None]).squeeze(1))
+    else:
+        top2, prob_second = top1.clone(), zeros
+    # rank of each expert per token, 0 = most probable; ties broken by lower id, as argmax does
+    ranks = torch.argsort(torch.argsort(-probs, dim=1, stable=True), dim=1)
+    rank_sum = (ranks * real[:, None]).sum(dim=0)
+    return [real.sum(), top1, top2, fixed.sum(dim=0), prob_first, prob_second, rank_sum]
+
+
+class Recorder:
+    """Observes every MoE layer of ``model``; counts only the sides switched on by :meth:`recording`."""
+
+    def __init__(self, model: torch.nn.Module, settings: Dict[str, Any]):
+        self.specs = model_layout(model)
+        if not self.specs:
+            raise ValueError("the model has no MoE layers to record")
+        self.layers: List[MoELayer] = [model.get_submodule(spec.prefix) for spec in self.specs]
+        self.fingerprint = model_fingerprint(model)
+        self.settings = settings
+        self.active_side: Optional[str] = None
+        self.pending: Optional[List[List[Tensor]]] = None
+        self.committed: Dict[str, List[List[Tensor]]] = {}
+        self.sentences: Dict[str, int] = {}
+        for index, layer in enumerate(self.layers):
+            layer.observer = self._observer(index)
+
+    def _observer(self, index: int):
+        side = self.specs[index].side
+
+        def observe(layer: MoELayer, routing: Routing, padding: Optional[Tensor]) -> None:
+            if self.active_side != side:
+                return
+            counts = routing_counts(routing, padding)
+            if self.pending is None:
+                self.pending = [[torch.zeros_like(c) for c in counts] for _ in self.layers]
+            for total, count in zip(self.pending[index], counts):
+                total += count
+
+        return observe
+
+    @contextlib.contextmanager
+    def recording(self, side: str) -> Iterator[None]:
+        """Count the decisions of ``side``'s MoE layers ("encoder" or "decoder") inside the block."""
+        self.active_side = side
+        try:
+            yield
+        finally:
+            self.active_side = None
+
+    def commit(self, pair: str, sentences: int) -> None:
+        """The batch is complete: add its staged counts to ``pair``'s totals (still on the device)."""
+        if self.pending is not None:
+            if pair in self.committed:
+                for totals, batch in zip(self.committed[pair], self.pending):
+                    for total, count in zip(totals, batch):
+                        total += count
+            else:
+                self.committed[pair] = self.pending
+        self.pending = None
+        self.sentences[pair] = self.sentences.get(pair, 0) + sentences
+
+    def discard(self) -> None:
+        """Forget an unfinished batch."""
+        self.pending = None
+
+    def detach(self) -> None:
+        for layer in self.layers:
+            layer.observer = None
+
+    def snapshot(self) -> MoEStats:
+        """The committed counts as a statistics object (this copies them to the host)."""
+        stats = MoEStats(self.fingerprint, dict(self.settings), {})
+        for pair, sentences in self.sentences.items():
+            layers = {}
+            for spec, totals in zip(self.specs, self.committed.get(pair, [])):
+                host = [t.cpu().numpy().astype(np.int64) for t in totals]
+                layers[spec.prefix] = LayerCounts(int(host[0]), *host[1:])
+            for spec in self.specs:
+                layers.setdefault(spec.prefix, LayerCounts.zeros(spec.num_experts))
+            stats.pairs[pair] = PairStats(int(sentences), layers)
+        return stats

@@ -1,0 +1,147 @@
+"""The generation hook shared by our translation tasks: ``--moe-stats-out`` records gate decisions.
+
+During ``inference_step`` the encoder's MoE layers are recorded as the generator runs them (real
+source tokens only). The decoder is recorded afterwards in one teacher-forced pass over each
+sentence's final hypothesis, so pruned, finished-early and padded beams never count; with
+``--moe-stats-decoder reference`` the pass runs over the reference targets instead.
+"""
+
+import atexit
+import contextlib
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, List, Optional
+
+import torch
+from torch import Tensor
+
+from fairseq.data import data_utils
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+
+from fairseq_moe_prune import stats
+from fairseq_moe_prune.recording import Recorder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GateRecordingConfig(FairseqDataclass):
+    moe_stats_out: Optional[str] = field(
+        default=None, metadata={"help": "record the MoE gates' decisions into this statistics file"}
+    )
+    moe_stats_decoder: ChoiceEnum(["hypothesis", "reference"]) = field(  # type: ignore
+        default="hypothesis",
+        metadata={"help": "decoder tokens to count: the final hypotheses or the reference targets"},
+    )
+    moe_stats_flush_seconds: float = field(
+        default=60.0, metadata={"help": "rewrite the statistics file at most this often during a run"}
+    )
+
+
+class StatsWriter:
+    """Writes the recorder's committed counts now and then, and once more when the process ends."""
+
+    def __init__(self, recorder: Recorder, path: str, every_seconds: float):
+        self.recorder, self.path, self.every_seconds = recorder, path, every_seconds
+        self.last_write = time.monotonic()
+        self.write()  # a valid (empty) file from the start
+        atexit.register(self.write)
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+    def write(self) -> None:
+        stats.save(self.recorder.snapshot(), self.path)
+        self.last_write = time.monotonic()
+
+    def maybe_write(self) -> None:
+        if time.monotonic() - self.last_write >= self.every_seconds:
+            self.write()
+
+
+@contextlib.contextmanager
+def captured_encoder_output(encoder: torch.nn.Module) -> Iterator[List[Any]]:
+    """Keep what the generator's encoder call returns, so the decoder pass needs no second encoder run.
+
+    fairseq's generator calls ``encoder.forward`` directly (hooks do not fire), so we wrap it.
+    """
+    outputs: List[Any] = []
+    forward = encoder.forward
+
+    def forward_and_keep(*args, **kwargs):
+        output = forward(*args, **kwargs)
+        outputs.append(output)
+        return output
+
+    encoder.forward = forward_and_keep
+    try:
+        yield outputs
+    finally:
+        del encoder.forward
+
+
+class GateRecordingMixin:
+    """Mixed into a fairseq translation task before the task class."""
+
+    recorder: Optional[Recorder] = None
+    stats_writer: Optional[StatsWriter] = None
+
+    def _recording_option(self, name: str) -> Any:
+        config = getattr(self, "args", None) or self.cfg
+        return getattr(config, name, None)
+
+    def recording_pair(self) -> str:
+        """The direction being translated, e.g. ``eng_Latn-deu_Latn``."""
+        source = self._recording_option("source_lang")
+        target = self._recording_option("target_lang")
+        if not source or not target:
+            raise SystemExit("error: --moe-stats-out needs --source-lang and --target-lang")
+        return f"{source}-{target}"
+
+    def decoder_bos(self) -> int:
+        """The token the decoder starts from (fairseq's translation tasks start from EOS)."""
+        return self.target_dictionary.eos()
+
+    def build_generator(self, models, args, **kwargs):
+        generator = super().build_generator(models, args, **kwargs)
+        path = self._recording_option("moe_stats_out")
+        if path:
+            if len(models) != 1:
+                raise SystemExit("error: --moe-stats-out records one model; pass a single --path")
+            model = models[0]
+            settings = {
+                "decoder_tokens": str(self._recording_option("moe_stats_decoder")),
+                "beam": int(getattr(generator, "beam_size", 1)),
+                "eval_capacity_token_fraction": float(getattr(model.args, "moe_eval_capacity_token_fraction", 0)),
+            }
+            self.recorder = Recorder(model, settings)
+            self.stats_writer = StatsWriter(self.recorder, path, float(self._recording_option("moe_stats_flush_seconds")))
+            logger.info(f"recording MoE gate decisions of {len(self.recorder.specs)} layers into {path}")
+        return generator
+
+    def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
+        if self.recorder is None:
+            return super().inference_step(generator, models, sample, prefix_tokens, constraints)
+        model = models[0]
+        try:
+            with self.recorder.recording("encoder"), captured_encoder_output(model.encoder) as encoder_outs:
+                hypos = super().inference_step(generator, models, sample, prefix_tokens, constraints)
+            with torch.no_grad(), self.recorder.recording("decoder"):
+                model.decoder(self.decoder_inputs(sample, hypos), encoder_out=encoder_outs[0], features_only=True)
+        except BaseException:
+            self.recorder.discard()
+            raise
+        self.recorder.commit(self.recording_pair(), int(sample["id"].numel()))
+        self.stats_writer.maybe_write()
+        return hypos
+
+    def decoder_inputs(self, sample, hypos) -> Tensor:
+        """Teacher-forcing inputs: BOS then every token of the best hypothesis but its last (EOS)."""
+        if self._recording_option("moe_stats_decoder") == "reference":
+            return sample["net_input"]["prev_output_tokens"]
+        best = [sentence_hypos[0]["tokens"] for sentence_hypos in hypos]
+        return data_utils.collate_tokens(
+            best, self.target_dictionary.pad(), eos_idx=self.decoder_bos(), move_eos_to_beginning=True
+        )

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install fairseq-moe-prune and its dependencies on Python 3.11 (CPU), from scratch or on top of an
+# existing install (pip skips what is already there). The order matters: a CPU torch first, so that
+# nothing pulls a multi-GB CUDA build; fairseq-fixed without build isolation, so that its C++
+# extensions build against that torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+python -m pip install -q torch==2.13.0
+python -m pip install -q "numpy>=1.21.3" cython ninja
+MAX_JOBS=2 python -m pip install -q --no-build-isolation fairseq-fixed==0.12.3.1
+python -m pip install -q --no-build-isolation -e ".[test]"

@@ -1,0 +1,102 @@
+"""The registered MoE transformer: NLLB's layout and keys, per-layer counts, checkpoint round trips."""
+
+import argparse
+
+import pytest
+import torch
+
+from fairseq import checkpoint_utils
+from fairseq.models import ARCH_CONFIG_REGISTRY
+
+from fairseq_moe_prune.models.layout import MoEConfigError, moe_layers
+from fairseq_moe_prune.models.moe_transformer import MoETransformerModel
+from tests.helpers import build_tiny_model, logits, random_batch, save_like_trainer
+
+
+def nllb_args(**overrides) -> argparse.Namespace:
+    args = argparse.Namespace(**overrides)
+    ARCH_CONFIG_REGISTRY["transformer_24_24_big"](args)
+    return args
+
+
+def test_nllb_layout_has_1536_experts_in_layers_3_7_11_15_19_23():
+    specs = moe_layers(nllb_args())
+    assert [(s.side, s.layer) for s in specs] == [
+        (side, layer) for side in ("encoder", "decoder") for layer in (3, 7, 11, 15, 19, 23)
+    ]
+    assert sum(s.num_experts for s in specs) == 1536
+    assert specs[0].prefix == "encoder.layers.3.moe_layer"
+
+
+def test_nllb_shaped_model_has_nllb_state_dict_keys(tmp_path):
+    # NLLB's exact layer layout and expert count, with the widths shrunk so it builds in seconds
+    _, _, model = build_tiny_model(
+        tmp_path, "--encoder-embed-dim", "8", "--encoder-ffn-embed-dim", "4", "--decoder-embed-dim", "8",
+        "--decoder-ffn-embed-dim", "4", "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+        arch="transformer_24_24_big",
+    )
+    keys = set(model.state_dict())
+    assert "encoder.layers.3.moe_layer.gate.wg.weight" in keys
+    assert model.state_dict()["encoder.layers.3.moe_layer.gate.wg.weight"].shape == (128, 8)
+    for name in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
+        assert f"encoder.layers.3.moe_layer.experts.127.{name}" in keys
+        assert f"decoder.layers.23.moe_layer.experts.0.{name}" in keys
+        assert f"encoder.layers.2.{name}" in keys  # dense layers keep fairseq's FFN keys
+    assert not any(k.startswith("encoder.layers.3.fc") for k in keys)
+    assert "encoder.layers.3.moe_layer.gate.wg.bias" not in keys
+    assert len([k for k in keys if k.endswith("gate.wg.weight")]) == 12
+
+
+def test_per_layer_counts_build_layers_of_different_sizes(tmp_path):
+    _, _, model = build_tiny_model(
+        tmp_path, "--encoder-moe-expert-counts", "3", "--decoder-moe-expert-counts", "2"
+    )
+    assert [layer.num_experts for layer in model.moe_layers()] == [3, 2]
+
+
+def test_inconsistent_counts_are_refused_with_a_clear_message(tmp_path):
+    with pytest.raises(MoEConfigError, match="lists 2 counts but the encoder has 1 MoE layers"):
+        build_tiny_model(tmp_path, "--encoder-moe-expert-counts", "3,3")
+
+
+def test_save_then_load_gives_bit_identical_logits(tmp_path):
+    cfg, _, model = build_tiny_model(tmp_path / "data")
+    batch = random_batch()
+    before = logits(model, batch)
+    save_like_trainer(cfg, model, tmp_path / "model.pt")
+    [loaded], _ = checkpoint_utils.load_model_ensemble([str(tmp_path / "model.pt")])
+    assert isinstance(loaded, MoETransformerModel)
+    assert torch.equal(before, logits(loaded, batch))
+
+
+def test_non_uniform_checkpoint_round_trips_with_no_extra_flag(tmp_path):
+    cfg, _, model = build_tiny_model(
+        tmp_path / "data", "--encoder-moe-expert-counts", "3", "--decoder-moe-expert-counts", "1"
+    )
+    batch = random_batch(seed=3)
+    before = logits(model, batch)
+    save_like_trainer(cfg, model, tmp_path / "model.pt")
+    [loaded], _ = checkpoint_utils.load_model_ensemble([str(tmp_path / "model.pt")])
+    assert [layer.num_experts for layer in loaded.moe_layers()] == [3, 1]
+    assert torch.equal(before, logits(loaded, batch))
+
+
+def test_moe_model_trains_its_gates_through_the_criterion(tmp_path):
+    from fairseq.criterions import build_criterion
+
+    cfg, task, model = build_tiny_model(
+        tmp_path, "--criterion", "moe_label_smoothed_cross_entropy", "--moe-gate-loss-wt", "0.5"
+    )
+    criterion = build_criterion(cfg.criterion, task)
+    src, lengths, prev = random_batch()
+    sample = {
+        "net_input": {"src_tokens": src, "src_lengths": lengths, "prev_output_tokens": prev},
+        "target": torch.roll(prev, -1, dims=1),
+        "ntokens": prev.numel(),
+    }
+    model.train()
+    loss, sample_size, log = criterion(model, sample)
+    expected_gate = sample_size * torch.stack([m.l_aux for m in model.moe_layers()]).mean()
+    torch.testing.assert_close(log["moe_gate_loss"], expected_gate)
+    loss.backward()
+    assert all(m.gate.wg.weight.grad.abs().sum() > 0 for m in model.moe_layers())

@@ -1,0 +1,81 @@
+"""The MoE block: dispatch/combine against a brute-force loop, and the dense-FFN equivalence."""
+
+import pytest
+import torch
+
+from fairseq_moe_prune.moe.layer import GateOptions, MoELayer
+
+ALL = GateOptions(second_expert_policy="all", eval_capacity_token_fraction=1.0, use_fp32=True)
+
+
+def make_layer(num_experts=4, options=ALL, eom=0.0, dim=8, ffn=16, seed=0) -> MoELayer:
+    torch.manual_seed(seed)
+    return MoELayer(dim, ffn, num_experts, options, eom=eom)
+
+
+def brute_force(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
+    """Every token through each of its experts, one at a time, weighted as the gate says."""
+    tokens = x.reshape(-1, x.shape[-1])
+    routing = layer.gate(tokens, None)
+    out = torch.zeros_like(tokens)
+    for s in range(tokens.shape[0]):
+        for expert, weight in zip(routing.experts[s].tolist(), routing.weights[s]):
+            if weight != 0:
+                out[s] += weight * layer.experts[expert](tokens[s]) * (1 - layer.eom)
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("top1", [False, True])
+def test_dispatch_and_combine_equal_a_per_token_loop(top1):
+    layer = make_layer(options=GateOptions(top1=top1, second_expert_policy="all", eval_capacity_token_fraction=1.0), eom=0.2).eval()
+    x = torch.randn(3, 5, 8)
+    torch.testing.assert_close(layer(x), brute_force(layer, x))
+
+
+def test_copies_of_one_ffn_equal_that_dense_ffn_times_one_minus_eom():
+    layer = make_layer(num_experts=6, eom=0.2).eval()
+    for expert in layer.experts[1:]:
+        expert.load_state_dict(layer.experts[0].state_dict())
+    x = torch.randn(4, 7, 8)
+    dense = layer.experts[0](x)
+    torch.testing.assert_close(layer(x), dense * 0.8)
+    layer.eom = 0.0
+    torch.testing.assert_close(layer(x), dense)
+
+
+def test_eom_masks_whole_expert_outputs_in_training_without_rescaling():
+    layer = make_layer(num_experts=2, eom=0.5)
+    for expert in layer.experts[1:]:
+        expert.load_state_dict(layer.experts[0].state_dict())
+    layer.train()
+    torch.manual_seed(1)
+    x = torch.randn(1, 64, 8)  # 2 experts, 64 tokens: capacity 64 covers every assignment
+    out = layer(x)[0]
+    dense = layer.experts[0](x[0])
+    weights = layer.gate(x[0], None).weights
+    # each token keeps 0, 1 or both of its two expert outputs, never a rescaled one
+    candidates = torch.stack([torch.zeros(64), weights[:, 0], weights[:, 1], weights.sum(1)], dim=1)
+    ratio = (out * dense).sum(1) / (dense * dense).sum(1)
+    distance = (candidates - ratio[:, None]).abs().min(dim=1).values
+    assert distance.max() < 1e-4
+    assert (ratio.abs() < 1e-6).any() and ((ratio - 1).abs() < 1e-4).any()
+
+
+def test_padding_mask_reaches_the_gate_only_with_use_pad_mask():
+    seen = []
+    layer = make_layer(options=GateOptions(second_expert_policy="all", use_pad_mask=True)).eval()
+    layer.observer = lambda _layer, routing, padding: seen.append(routing)
+    x = torch.randn(2, 3, 8)
+    padding = torch.tensor([[False, False, True], [False, True, True]])
+    out = layer(x, padding)
+    assert seen[0].weights.reshape(2, 3, 2)[padding].eq(0).all()
+    assert out[padding].eq(0).all()  # padding positions get no expert output
+    assert out[~padding].ne(0).any()
+
+
+def test_l_aux_is_left_for_the_criterion_and_gradients_reach_the_gate():
+    layer = make_layer().train()
+    x = torch.randn(2, 6, 8)
+    out = layer(x)
+    (out.sum() + layer.l_aux).backward()
+    assert layer.gate.wg.weight.grad is not None and layer.gate.wg.weight.grad.abs().sum() > 0

@@ -1,0 +1,148 @@
+"""Recording through the task's generation hook equals a brute-force recount from plain forwards."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fairseq_moe_prune import stats
+from fairseq_moe_prune.stats import PROB_SCALE
+from tests.helpers import build_tiny_model, random_batch
+
+PAD, EOS = 1, 2
+
+
+def recording_task(tmp_path: Path, *extra: str):
+    torch.manual_seed(0)
+    cfg, task, model = build_tiny_model(
+        tmp_path / "data", "--moe-stats-out", str(tmp_path / "stats.json"), "--beam", "3",
+        "--moe-expert-count", "6", "--max-len-b", "7", *extra, task="translation_moe",
+    )
+    model.eval()
+    with torch.no_grad():  # make EOS likely enough that hypotheses end at different lengths
+        model.decoder.output_projection.weight[EOS] *= 3
+    generator = task.build_generator([model], cfg.generation)
+    return task, model, generator
+
+
+def sample_for(src, lengths, prev):
+    return {"id": torch.arange(len(src)), "nsentences": len(src),
+            "net_input": {"src_tokens": src, "src_lengths": lengths, "prev_output_tokens": prev}}
+
+
+def gate_inputs(model, run):
+    """Run ``run()`` and return, per MoE layer prefix, the gate logits it computed."""
+    logits, hooks = {}, []
+    for name, module in model.named_modules():
+        if name.endswith("moe_layer.gate.wg"):
+            prefix = name[: -len(".gate.wg")]
+            hooks.append(module.register_forward_hook(lambda m, i, out, p=prefix: logits.setdefault(p, []).append(out)))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {prefix: torch.cat(outs) for prefix, outs in logits.items()}
+
+
+def brute_force_counts(logits: torch.Tensor, padding: torch.Tensor):
+    """Count like methods.md says, one token at a time, over real tokens only."""
+    probs = torch.softmax(logits.float(), dim=1).numpy()
+    num_experts = probs.shape[1]
+    counts = {name: np.zeros(num_experts, dtype=np.int64) for name in stats.COUNT_FIELDS}
+    tokens = 0
+    for p, is_pad in zip(probs, padding.tolist()):
+        if is_pad:
+            continue
+        tokens += 1
+        order = sorted(range(num_experts), key=lambda e: (-p[e], e))
+        fixed = np.round(p.astype(np.float64) * PROB_SCALE).astype(np.int64)
+        counts["top1"][order[0]] += 1
+        counts["top2"][order[0]] += 1
+        counts["top2"][order[1]] += 1
+        counts["prob_sum"] += fixed
+        counts["prob_first_sum"][order[0]] += fixed[order[0]]
+        counts["prob_second_sum"][order[1]] += fixed[order[1]]
+        for rank, expert in enumerate(order):
+            counts["rank_sum"][expert] += rank
+    return tokens, counts
+
+
+def assert_layer_equal(recorded: stats.LayerCounts, expected):
+    tokens, counts = expected
+    assert recorded.tokens == tokens
+    for name in stats.COUNT_FIELDS:
+        np.testing.assert_array_equal(getattr(recorded, name), counts[name], err_msg=name)
+
+
+@pytest.mark.parametrize("decoder_tokens", ["hypothesis", "reference"])
+def test_recorded_counts_equal_a_brute_force_recount(tmp_path, decoder_tokens):
+    task, model, generator = recording_task(tmp_path, "--moe-stats-decoder", decoder_tokens)
+    src, lengths, prev = random_batch(num_sentences=5, seed=7)  # left-padded sources of 3..8 tokens
+    hypos = task.inference_step(generator, [model], sample_for(src, lengths, prev))
+    recorded = task.recorder.snapshot().pairs["src-tgt"]
+    assert recorded.sentences == 5
+
+    if decoder_tokens == "hypothesis":
+        best = [h[0]["tokens"] for h in hypos]
+        assert len({len(t) for t in best}) > 1  # hypotheses of different lengths: the pass pads
+        prev = torch.full((5, max(len(t) for t in best)), PAD)
+        for i, tokens in enumerate(best):
+            prev[i, 0] = EOS
+            prev[i, 1: len(tokens)] = tokens[:-1]
+    else:
+        prev[2, 4:] = PAD
+        task.recorder.committed.clear(), task.recorder.sentences.clear()
+        task.inference_step(generator, [model], sample_for(src, lengths, prev))
+        recorded = task.recorder.snapshot().pairs["src-tgt"]
+
+    def plain_forward():
+        encoder_out = model.encoder(src, src_lengths=lengths)
+        model.decoder(prev, encoder_out=encoder_out, features_only=True)
+
+    logits = gate_inputs(model, plain_forward)
+    assert_layer_equal(recorded.layers["encoder.layers.1.moe_layer"],
+                       brute_force_counts(logits["encoder.layers.1.moe_layer"], src.eq(PAD).reshape(-1)))
+    assert_layer_equal(recorded.layers["decoder.layers.1.moe_layer"],
+                       brute_force_counts(logits["decoder.layers.1.moe_layer"], prev.eq(PAD).reshape(-1)))
+    assert recorded.layers["encoder.layers.1.moe_layer"].tokens == int(src.ne(PAD).sum())
+
+
+def test_merging_two_halves_gives_the_bytes_of_one_run(tmp_path):
+    batches = [random_batch(num_sentences=3, seed=seed) for seed in (1, 2, 3, 4)]
+    paths = []
+    for name, chosen in (("all", batches), ("first", batches[:2]), ("second", batches[2:])):
+        task, model, generator = recording_task(tmp_path / name)
+        for src, lengths, prev in chosen:
+            task.inference_step(generator, [model], sample_for(src, lengths, prev))
+        stats.save(task.recorder.snapshot(), str(tmp_path / f"{name}.json"))
+        task.recorder.detach()
+        paths.append(tmp_path / f"{name}.json")
+    merged = stats.merge([stats.load(str(paths[1])), stats.load(str(paths[2]))])
+    stats.save(merged, str(tmp_path / "merged.json"))
+    assert (tmp_path / "merged.json").read_bytes() == paths[0].read_bytes()
+    assert merged.pairs["src-tgt"].sentences == 12
+
+
+def test_merge_refuses_statistics_of_another_model(tmp_path):
+    task, model, generator = recording_task(tmp_path / "a")
+    task.inference_step(generator, [model], sample_for(*random_batch()))
+    first = task.recorder.snapshot()
+    with torch.no_grad():
+        model.encoder.layers[1].moe_layer.gate.wg.weight.add_(0.01)
+    other = type(task.recorder)(model, first.settings).snapshot()
+    with pytest.raises(stats.StatsError, match="different models"):
+        stats.merge([first, other])
+
+
+def test_per_language_view_takes_encoder_from_source_and_decoder_from_target(tmp_path):
+    task, model, generator = recording_task(tmp_path)
+    task.inference_step(generator, [model], sample_for(*random_batch()))
+    one = task.recorder.snapshot().pairs["src-tgt"]
+    combined = stats.MoEStats(task.recorder.fingerprint, {}, {"aa-bb": one, "bb-aa": one, "aa-cc": one})
+    view = stats.by_language(combined)
+    enc, dec = "encoder.layers.1.moe_layer", "decoder.layers.1.moe_layer"
+    assert view["aa"][enc].tokens == 2 * one.layers[enc].tokens and view["aa"][dec].tokens == one.layers[dec].tokens
+    assert view["cc"][dec].tokens == one.layers[dec].tokens and enc not in view["cc"]
