@@ -10,6 +10,7 @@ from typing import List, Optional
 from fairseq_moe_prune import stats
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
 from fairseq_moe_prune.models.layout import MoEConfigError
+from fairseq_moe_prune.ranking import SelectionError
 from fairseq_moe_prune.stats import StatsError
 
 
@@ -20,7 +21,7 @@ def cmd_user_dir(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     """Print the MoE layout of a checkpoint, read safely and without building the model."""
-    from fairseq_moe_prune.checkpoints.inspect import describe_checkpoint
+    from fairseq_moe_prune.checkpoints.layouts import describe_checkpoint
 
     print(describe_checkpoint(args.checkpoint))
 
@@ -37,6 +38,27 @@ def cmd_stats_merge(args: argparse.Namespace) -> None:
 def cmd_stats_show(args: argparse.Namespace) -> None:
     """Print a per-layer table of the most and least used experts."""
     print(stats.summary(stats.load(args.file), top=args.top))
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    """Write checkpoints with the least useful experts removed (one per direction, pair or globally)."""
+    from fairseq_moe_prune.pruning import PruneOptions, prune
+
+    options = PruneOptions(
+        metric=args.metric, granularity=args.granularity, selection=args.selection,
+        prune_fraction=args.prune_fraction, keep=args.keep, ratio=args.ratio, threshold=args.threshold,
+        min_per_layer=args.min_per_layer, directions=args.directions.split(",") if args.directions else None,
+        fp16=args.fp16, sharded=args.sharded, seed=args.seed,
+    )
+    if options.selection == "fixed" and args.threshold is not None:
+        raise SelectionError("--threshold goes with --selection threshold")
+    if options.prune_fraction is None and options.keep is None and options.threshold is None and not args.experts_json:
+        raise SelectionError("give a budget: --prune-fraction, --keep or (with --selection threshold) --threshold")
+    manifest = prune(args.checkpoint, args.out, options, stats_path=args.stats,
+                     experts_json_in=args.experts_json, force=args.force)
+    for name, output in manifest["outputs"].items():
+        print(f"{args.out}/{output['files'][0]}: kept {output['kept_experts']} experts "
+              f"({output['pruned_fraction'] * 100:.1f}% pruned)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +83,29 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("file")
     show.add_argument("--top", type=int, default=5, help="experts to list at each end")
     show.set_defaults(run=cmd_stats_show)
+
+    from fairseq_moe_prune.ranking import METRICS
+
+    prune = commands.add_parser("prune", help=cmd_prune.__doc__)
+    prune.add_argument("checkpoint", help="a checkpoint file, or X-shared.pt of an expert-sharded one")
+    prune.add_argument("--out", required=True, help="folder to create with the pruned checkpoints")
+    source = prune.add_mutually_exclusive_group(required=True)
+    source.add_argument("--stats", help="statistics file from --moe-stats-out")
+    source.add_argument("--experts-json", help="apply expert sets chosen elsewhere (NLLB paper's format)")
+    prune.add_argument("--granularity", choices=["global", "pair", "language"], default="language")
+    prune.add_argument("--metric", choices=METRICS, default="importance")
+    prune.add_argument("--selection", choices=["fixed", "threshold"], default="fixed")
+    prune.add_argument("--prune-fraction", type=float, help="fraction of all experts to remove, e.g. 0.8")
+    prune.add_argument("--keep", type=int, help="number of experts to keep over all MoE layers")
+    prune.add_argument("--ratio", default="3:1", help="encoder:decoder experts per layer (fixed selection)")
+    prune.add_argument("--threshold", type=float, help="metric mass to keep (threshold selection)")
+    prune.add_argument("--min-per-layer", type=int, default=2)
+    prune.add_argument("--directions", help="comma-separated SRC-TGT to write (default: all in the statistics)")
+    prune.add_argument("--fp16", action="store_true", help="store weights in half precision")
+    prune.add_argument("--sharded", action="store_true", help="write NLLB's X-shared.pt + X-rank-N.pt layout")
+    prune.add_argument("--seed", type=int, default=0, help="seed of the random metric")
+    prune.add_argument("--force", action="store_true", help="replace --out if it exists")
+    prune.set_defaults(run=cmd_prune)
     return parser
 
 
@@ -68,7 +113,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (CheckpointError, MoEConfigError, StatsError) as error:
+    except (CheckpointError, MoEConfigError, StatsError, SelectionError) as error:
         print(f"fairseq-moe-prune: error: {error}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # output piped into `head`

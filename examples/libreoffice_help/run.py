@@ -33,7 +33,7 @@ PRESETS: Dict[str, Dict[str, object]] = {
     "ci": dict(langs="deu_Latn,fra_Latn", sample=True, vocab=1000, max_train=0, updates=40,
                dims=(32, 64, 2, 2), experts=4, test_max=40),
     # README's main command: about 10 minutes on 2 CPU cores
-    "default": dict(langs="deu_Latn,fra_Latn", sample=False, vocab=4000, max_train=12000, updates=1500,
+    "default": dict(langs="deu_Latn,fra_Latn", sample=False, vocab=4000, max_train=12000, updates=600,
                     dims=(128, 256, 3, 4), experts=8, test_max=200),
 }
 

@@ -38,8 +38,8 @@ def unsafe_globals(path: str) -> List[str]:
     install_allowlist()
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except (RuntimeError, ValueError, zipfile.BadZipFile):
-        # not a zip checkpoint (pre-1.6 format): weights_only=True in torch.load still guards it
+    except (RuntimeError, ValueError, OSError, zipfile.BadZipFile):
+        # truncated, or the pre-1.6 format: torch.load below fails or (weights_only) still guards it
         return []
 
 
@@ -64,15 +64,10 @@ def load_checkpoint(path: str, mmap: bool = True) -> Dict[str, Any]:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else "unpickling failed"
         raise UnsafeCheckpointError(f"{path}: refusing to load: {first_line}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        if mmap and "mmap" in str(error):
-            return load_checkpoint_unmapped(path)
+        if mmap and "mmap" in str(error) and not zipfile.is_zipfile(path):
+            return load_checkpoint(path, mmap=False)  # the pre-1.6 format cannot be memory-mapped
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line})") from None
-
-
-def load_checkpoint_unmapped(path: str) -> Dict[str, Any]:
-    """Old (non-zip) checkpoints cannot be memory-mapped."""
-    return load_checkpoint(path, mmap=False)
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({first_line})") from None
 
 
 def guard_fairseq_loading() -> None:

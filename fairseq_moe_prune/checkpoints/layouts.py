@@ -1,0 +1,141 @@
+"""Read fairseq MoE checkpoints in both layouts: one file, or NLLB's expert-sharded files.
+
+Sharded: ``X-shared.pt`` holds everything whose key does not name an expert (gates included,
+plus the config); ``X-rank-N.pt`` holds rank N's experts of every MoE layer, numbered locally from
+``experts.0``: global expert = N * experts-per-rank + local id. Files are memory-mapped and rank
+files are opened one at a time, so reading never holds more than the shared part and one shard.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+
+from torch import Tensor
+
+from fairseq_moe_prune.checkpoints.safe_load import CheckpointError, load_checkpoint
+from fairseq_moe_prune.models.layout import MoELayerSpec, moe_layers
+
+SHARED_SUFFIX = "-shared.pt"
+EXPERT_KEY = re.compile(r"^(?P<prefix>.+\.moe_layer)\.experts\.(?P<expert>\d+)\.(?P<name>.+)$")
+
+
+def model_config(state: Mapping[str, Any]) -> Any:
+    """The model config of a fairseq checkpoint: ``cfg.model`` (current) or ``args`` (old)."""
+    cfg = state.get("cfg")
+    if cfg is not None and cfg.get("model") is not None:
+        return cfg["model"]
+    if state.get("args") is not None:
+        return state["args"]
+    raise CheckpointError("the checkpoint holds no model config (neither cfg.model nor args)")
+
+
+def is_expert_key(key: str) -> bool:
+    return EXPERT_KEY.match(key) is not None
+
+
+def rank_paths(shared_path: str) -> List[str]:
+    """``X-rank-0.pt`` ... ``X-rank-{N-1}.pt`` beside ``X-shared.pt``; a gap is an error."""
+    base = shared_path[: -len(SHARED_SUFFIX)]
+    directory = os.path.dirname(os.path.abspath(base))
+    pattern = re.compile(re.escape(os.path.basename(base)) + r"-rank-(\d+)\.pt$")
+    ranks = sorted(int(m.group(1)) for m in map(pattern.match, os.listdir(directory)) if m)
+    if not ranks:
+        raise CheckpointError(f"{shared_path}: no {os.path.basename(base)}-rank-N.pt files beside it")
+    missing = sorted(set(range(ranks[-1] + 1)) - set(ranks))
+    if missing:
+        raise CheckpointError(f"missing shard {base}-rank-{missing[0]}.pt")
+    return [f"{base}-rank-{rank}.pt" for rank in ranks]
+
+
+@dataclass
+class MoECheckpoint:
+    """A checkpoint opened for reading: its state without experts, and a way to stream experts."""
+
+    path: str
+    state: Dict[str, Any]  # the checkpoint (or shared part); state["model"] may lack experts
+    specs: List[MoELayerSpec]
+    ranks: Optional[List[str]] = None  # rank files of a sharded checkpoint
+
+    @property
+    def config(self) -> Any:
+        return model_config(self.state)
+
+    def dense_weights(self) -> Dict[str, Tensor]:
+        """Every weight that does not belong to an expert (gates included)."""
+        return {k: v for k, v in self.state["model"].items() if not is_expert_key(k)}
+
+    def experts(self, wanted: Mapping[str, List[int]]) -> Iterator[Tuple[str, int, Dict[str, Tensor]]]:
+        """(layer prefix, original expert id, its tensors) for every wanted expert.
+
+        Sharded checkpoints are read rank by rank; a rank file is released before the next opens.
+        """
+        if self.ranks is None:
+            for prefix, ids in wanted.items():
+                for expert in ids:
+                    yield prefix, expert, expert_tensors(self.state["model"], prefix, expert, self.path)
+            return
+        per_rank = self.experts_per_rank()
+        for rank, path in enumerate(self.ranks):
+            rank_weights = load_checkpoint(path)["model"]
+            for prefix, ids in wanted.items():
+                for expert in ids:
+                    if expert // per_rank[prefix] == rank:
+                        local = expert % per_rank[prefix]
+                        yield prefix, expert, expert_tensors(rank_weights, prefix, local, path)
+            del rank_weights
+
+    def experts_per_rank(self) -> Dict[str, int]:
+        counts = {}
+        for spec in self.specs:
+            per_rank, remainder = divmod(spec.num_experts, len(self.ranks))
+            if remainder or per_rank == 0:
+                raise CheckpointError(
+                    f"{spec.prefix} has {spec.num_experts} experts, which {len(self.ranks)} rank files cannot share"
+                )
+            counts[spec.prefix] = per_rank
+        return counts
+
+
+def expert_tensors(weights: Mapping[str, Tensor], prefix: str, expert: int, path: str) -> Dict[str, Tensor]:
+    head = f"{prefix}.experts.{expert}."
+    tensors = {key[len(head):]: value for key, value in weights.items() if key.startswith(head)}
+    if not tensors:
+        raise CheckpointError(f"{path}: missing {head}* (truncated or mismatched checkpoint?)")
+    return tensors
+
+
+def open_checkpoint(path: str) -> MoECheckpoint:
+    """Open a single-file checkpoint or, given ``X-shared.pt``, an expert-sharded one."""
+    ranks = rank_paths(path) if path.endswith(SHARED_SUFFIX) else None
+    state = load_checkpoint(path)
+    if "model" not in state:
+        raise CheckpointError(f"{path}: not a fairseq checkpoint (no 'model' weights)")
+    specs = moe_layers(model_config(state))
+    if not specs:
+        raise CheckpointError(f"{path}: the model has no MoE layers")
+    for spec in specs:
+        gate = state["model"].get(f"{spec.prefix}.gate.wg.weight")
+        if gate is None:
+            raise CheckpointError(f"{path}: missing {spec.prefix}.gate.wg.weight")
+        if gate.shape[0] != spec.num_experts:
+            raise CheckpointError(
+                f"{path}: {spec.prefix} has {spec.num_experts} experts in the config but {gate.shape[0]} gate rows"
+            )
+    return MoECheckpoint(path, state, specs, ranks)
+
+
+def describe_checkpoint(path: str) -> str:
+    """A few lines on a checkpoint's MoE layers: experts per layer and expert shape."""
+    checkpoint = open_checkpoint(path)
+    first = {spec.prefix: [0] for spec in checkpoint.specs}
+    shapes = {prefix: tensors["fc1.weight"].shape for prefix, _, tensors in checkpoint.experts(first)}
+    layout = f"sharded over {len(checkpoint.ranks)} rank files" if checkpoint.ranks else "single file"
+    lines = [f"{path}: {len(checkpoint.specs)} MoE layers, "
+             f"{sum(s.num_experts for s in checkpoint.specs)} experts ({layout})"]
+    for spec in checkpoint.specs:
+        ffn, dim = shapes[spec.prefix]
+        lines.append(f"  {spec.prefix:<32} {spec.num_experts:>4} experts  ffn {ffn}  dim {dim}")
+    return "\n".join(lines)

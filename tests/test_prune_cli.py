@@ -1,0 +1,75 @@
+"""fairseq-moe-prune prune on a trained model; stock fairseq-generate and fairseq-train use the result."""
+
+import re
+
+import pytest
+
+from tests.conftest import multilingual_args, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def recorded_stats(corpus, trained, tmp_path_factory):
+    """Statistics of eng->deu and deu->eng on the test set, merged."""
+    folder = tmp_path_factory.mktemp("stats")
+    for source, target in (("eng_Latn", "deu_Latn"), ("deu_Latn", "eng_Latn")):
+        run_cli(["fairseq-generate", *multilingual_args(corpus, "translation_multi_simple_epoch_moe"),
+                 "--path", str(trained), "--source-lang", source, "--target-lang", target, "--gen-subset", "test",
+                 "--beam", "2", "--max-len-b", "30", "--required-batch-size-multiple", "1",
+                 "--moe-stats-out", str(folder / f"{source}-{target}.json")])
+    run_cli(["fairseq-moe-prune", "stats", "merge", str(folder / "all.json"),
+             str(folder / "eng_Latn-deu_Latn.json"), str(folder / "deu_Latn-eng_Latn.json")])
+    return folder / "all.json"
+
+
+def generate(corpus, checkpoint, *extra):
+    result = run_cli(["fairseq-generate", *multilingual_args(corpus), "--path", str(checkpoint),
+                      "--source-lang", "eng_Latn", "--target-lang", "deu_Latn", "--gen-subset", "test",
+                      "--beam", "3", "--max-len-b", "30", "--batch-size", "8", "--required-batch-size-multiple", "1",
+                      *extra])
+    return [line for line in result.stdout.splitlines() if re.match(r"^[HP]-\d+\t", line)]
+
+
+def test_keeping_all_experts_gives_the_same_generation_output(corpus, trained, recorded_stats, tmp_path):
+    run_cli(["fairseq-moe-prune", "prune", str(trained), "--stats", str(recorded_stats), "--out", str(tmp_path / "all"),
+             "--granularity", "global", "--prune-fraction", "0", "--ratio", "1:1"])
+    assert generate(corpus, trained) == generate(corpus, tmp_path / "all" / "global.pt")
+
+
+def test_per_language_pruned_model_with_uneven_layers_translates_and_fine_tunes(corpus, trained, recorded_stats, tmp_path):
+    out = tmp_path / "pruned"
+    result = run_cli(["fairseq-moe-prune", "prune", str(trained), "--stats", str(recorded_stats), "--out", str(out),
+                      "--granularity", "language", "--keep", "5", "--ratio", "3:2"])
+    assert "eng_Latn-deu_Latn.pt: kept 5 experts (37.5% pruned)" in result.stdout
+    info = run_cli(["fairseq-moe-prune", "info", str(out / "eng_Latn-deu_Latn.pt")]).stdout
+    assert re.search(r"encoder.layers.1.moe_layer\s+3 experts", info)
+    assert re.search(r"decoder.layers.1.moe_layer\s+2 experts", info)
+    lines = generate(corpus, out / "eng_Latn-deu_Latn.pt")
+    assert len([line for line in lines if line.startswith("H-")]) == 30
+
+    train = run_cli(["fairseq-train", *multilingual_args(corpus), "--arch", "moe_transformer_tiny",
+                     "--share-all-embeddings", "--finetune-from-model", str(out / "eng_Latn-deu_Latn.pt"),
+                     "--criterion", "moe_label_smoothed_cross_entropy", "--optimizer", "adam", "--lr", "0.001",
+                     "--max-tokens", "1500", "--max-update", "3", "--save-dir", str(tmp_path / "ft"),
+                     "--no-epoch-checkpoints", "--disable-validation", "--num-workers", "0",
+                     "--encoder-moe-expert-counts", "3", "--decoder-moe-expert-counts", "2"])
+    assert "num_updates 3" in train.stdout + train.stderr
+    info = run_cli(["fairseq-moe-prune", "info", str(tmp_path / "ft" / "checkpoint_last.pt")]).stdout
+    assert "2 MoE layers, 5 experts" in info
+
+
+def test_cli_mistakes_give_one_line_and_exit_1(trained, recorded_stats, tmp_path):
+    cases = [
+        (["--prune-fraction", "1.2"], "fraction to prune must be in [0, 1)"),
+        (["--prune-fraction", "0.5", "--granularity", "pair", "--directions", "fra_Latn-eng_Latn"],
+         "fra_Latn-eng_Latn is not in the statistics"),
+        (["--prune-fraction", "0.5", "--directions", "eng_Latn-fra_Latn"], "fra_Latn has no statistics as a target"),
+    ]
+    for extra, message in cases:
+        result = run_cli(["fairseq-moe-prune", "prune", str(trained), "--stats", str(recorded_stats),
+                          "--out", str(tmp_path / "x"), "--ratio", "1:1", *extra], check=False)
+        assert result.returncode == 1, extra
+        assert result.stderr.strip().splitlines() == [f"fairseq-moe-prune: error: {result.stderr.split('error: ', 1)[1].strip()}"]
+        assert message in result.stderr
+    assert not (tmp_path / "x").exists()

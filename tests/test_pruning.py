@@ -1,0 +1,174 @@
+"""Pruning: equivalences that must hold to the last bit, the sharded layout, determinism, errors."""
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fairseq import checkpoint_utils
+
+from fairseq_moe_prune import stats
+from fairseq_moe_prune.checkpoints.layouts import open_checkpoint
+from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
+from fairseq_moe_prune.checkpoints.surgery import prune_state, save_sharded, save_single
+from fairseq_moe_prune.pruning import PruneOptions, prune
+from fairseq_moe_prune.ranking import SelectionError
+from tests.helpers import build_tiny_model, logits, random_batch, save_like_trainer
+
+EXPERTS = 16
+ENC, DEC = "encoder.layers.1.moe_layer", "decoder.layers.1.moe_layer"
+
+
+@pytest.fixture
+def recorded(tmp_path):
+    """A 16-expert tiny model saved as a checkpoint, and the statistics of one batch through it."""
+    torch.manual_seed(0)
+    cfg, task, model = build_tiny_model(
+        tmp_path / "data", "--moe-expert-count", str(EXPERTS), "--moe-stats-out", str(tmp_path / "stats.json"),
+        "--beam", "3", "--max-len-b", "6", task="translation_moe",
+    )
+    model.eval()
+    save_like_trainer(cfg, model, tmp_path / "model.pt")
+    generator = task.build_generator([model], cfg.generation)
+    src, lengths, _ = random_batch(num_sentences=4, seed=11)
+    sample = {"id": torch.arange(4), "net_input": {"src_tokens": src, "src_lengths": lengths}}
+    task.inference_step(generator, [model], sample)
+    stats.save(task.recorder.snapshot(), str(tmp_path / "stats.json"))
+    task.recorder.detach()
+    return tmp_path, task, generator, sample
+
+
+def load(path: Path):
+    [model], _ = checkpoint_utils.load_model_ensemble([str(path)])
+    return model.eval()
+
+
+def generate(task, generator, model, sample):
+    with torch.no_grad():
+        hypos = generator.generate([model], sample)
+    return [[(h["tokens"].tolist(), float(h["score"])) for h in sentence] for sentence in hypos]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_keeping_every_expert_is_bit_identical(recorded):
+    tmp_path, task, generator, sample = recorded
+    options = PruneOptions(granularity="global", prune_fraction=0.0, ratio="1:1")
+    prune(str(tmp_path / "model.pt"), str(tmp_path / "out"), options, stats_path=str(tmp_path / "stats.json"))
+    original, pruned = load(tmp_path / "model.pt"), load(tmp_path / "out" / "global.pt")
+    batch = random_batch(seed=5)
+    assert torch.equal(logits(original, batch), logits(pruned, batch))
+    assert generate(task, generator, original, sample) == generate(task, generator, pruned, sample)
+
+
+def test_pruning_experts_never_chosen_on_an_input_keeps_its_translations(recorded):
+    tmp_path, task, generator, sample = recorded
+    counts = stats.load(str(tmp_path / "stats.json")).pairs["src-tgt"].layers
+    kept = {prefix: [e for e in range(EXPERTS) if counts[prefix].top2[e] > 0] for prefix in (ENC, DEC)}
+    assert all(len(ids) < EXPERTS for ids in kept.values())  # something is pruned in each layer
+    state = prune_state(open_checkpoint(str(tmp_path / "model.pt")), kept)
+    save_single(state, str(tmp_path / "pruned.pt"))
+    pruned = load(tmp_path / "pruned.pt")
+    assert [layer.num_experts for layer in pruned.moe_layers()] == [len(kept[ENC]), len(kept[DEC])]
+    before = generate(task, generator, load(tmp_path / "model.pt"), sample)
+    after = generate(task, generator, pruned, sample)
+    assert [[tokens for tokens, _ in s] for s in before] == [[tokens for tokens, _ in s] for s in after]
+    for sentence_before, sentence_after in zip(before, after):
+        for (_, score_before), (_, score_after) in zip(sentence_before, sentence_after):
+            assert score_after == pytest.approx(score_before, abs=1e-5)
+
+
+def test_sharded_input_prunes_to_the_same_tensors_and_round_trips(recorded):
+    tmp_path = recorded[0]
+    full = open_checkpoint(str(tmp_path / "model.pt"))
+    every = {spec.prefix: list(range(spec.num_experts)) for spec in full.specs}
+    paths = save_sharded(prune_state(full, every), str(tmp_path / "ck-shared.pt"))
+    assert len(paths) == 1 + EXPERTS
+    sharded = open_checkpoint(paths[0])
+    assert len(sharded.ranks) == EXPERTS and "experts" not in " ".join(sharded.state["model"])
+    kept = {ENC: [1, 5, 9], DEC: [0, 15]}
+    from_single, from_shards = prune_state(full, kept)["model"], prune_state(sharded, kept)["model"]
+    assert list(from_single) == list(from_shards)
+    assert all(torch.equal(from_single[k], from_shards[k]) for k in from_single)
+    # sharded -> single -> sharded gives the same tensors back
+    save_single(prune_state(sharded, every), str(tmp_path / "single.pt"))
+    again = save_sharded(prune_state(open_checkpoint(str(tmp_path / "single.pt")), every), str(tmp_path / "re-shared.pt"))
+    for first, second in zip(paths, again):
+        a, b = torch.load(first, weights_only=True)["model"], torch.load(second, weights_only=True)["model"]
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pruning_twice_gives_byte_identical_files_and_leaves_the_input_alone(recorded):
+    tmp_path = recorded[0]
+    before = sha256(tmp_path / "model.pt")
+    options = PruneOptions(granularity="language", prune_fraction=0.5, ratio="3:1", fp16=True)
+    for out in ("a", "b"):
+        prune(str(tmp_path / "model.pt"), str(tmp_path / out), options, stats_path=str(tmp_path / "stats.json"))
+    for name in ("src-tgt.pt", "experts.json"):
+        assert sha256(tmp_path / "a" / name) == sha256(tmp_path / "b" / name)
+    assert sha256(tmp_path / "model.pt") == before
+    state = torch.load(tmp_path / "a" / "src-tgt.pt", weights_only=True)
+    assert state["model"][f"{ENC}.gate.wg.weight"].dtype == torch.float16
+    assert "last_optimizer_state" not in state
+    assert state["cfg"]["model"].encoder_moe_expert_counts == "12"  # 3:1 of 16 kept -> 12 + 4
+    assert state["cfg"]["model"].decoder_moe_expert_counts == "4"
+
+
+def test_uniform_counts_are_written_in_the_plain_nllb_form(recorded):
+    tmp_path = recorded[0]
+    options = PruneOptions(granularity="pair", keep=16, ratio="1:1")
+    prune(str(tmp_path / "model.pt"), str(tmp_path / "out"), options, stats_path=str(tmp_path / "stats.json"))
+    config = torch.load(tmp_path / "out" / "src-tgt.pt", weights_only=True)["cfg"]["model"]
+    assert config.moe_expert_count == 8
+    assert config.encoder_moe_expert_counts is None and config.decoder_moe_expert_counts is None
+
+
+def test_user_mistakes_are_refused_and_leave_nothing_behind(recorded):
+    tmp_path, task, *_ = recorded
+    model, stats_path, out = str(tmp_path / "model.pt"), str(tmp_path / "stats.json"), str(tmp_path / "out")
+    half = PruneOptions(granularity="pair", prune_fraction=0.5, ratio="1:1")
+    with pytest.raises(SelectionError, match=r"in \[0, 1\)"):
+        prune(model, out, PruneOptions(prune_fraction=1.5), stats_path=stats_path)
+    with pytest.raises(SelectionError, match="eng_Latn-deu_Latn is not in the statistics"):
+        prune(model, out, PruneOptions(granularity="pair", prune_fraction=0.5, directions=["eng_Latn-deu_Latn"]),
+              stats_path=stats_path)
+    with pytest.raises(SelectionError, match="language xx has no statistics as a source"):
+        prune(model, out, PruneOptions(prune_fraction=0.5, directions=["xx-tgt"], ratio="1:1"), stats_path=stats_path)
+
+    other = stats.load(stats_path)
+    other.fingerprint.gate_sha256 = "0" * 64
+    stats.save(other, str(tmp_path / "other.json"))
+    with pytest.raises(stats.StatsError, match="another model"):
+        prune(model, out, half, stats_path=str(tmp_path / "other.json"))
+
+    cfg, _, dense = build_tiny_model(tmp_path / "dense-data", "--moe-freq", "0")
+    save_like_trainer(cfg, dense, tmp_path / "dense.pt")
+    with pytest.raises(CheckpointError, match="no MoE layers"):
+        prune(str(tmp_path / "dense.pt"), out, half, stats_path=stats_path)
+    assert not os.path.exists(out) and not list(tmp_path.glob(".staging-*"))
+
+    prune(model, out, half, stats_path=stats_path)
+    with pytest.raises(stats.StatsError, match="exists"):
+        prune(model, out, half, stats_path=stats_path)
+    manifest = prune(model, out, PruneOptions(granularity="pair", prune_fraction=0.25, ratio="1:1"),
+                     stats_path=stats_path, force=True)
+    assert manifest["outputs"]["src-tgt"]["pruned_fraction"] == 0.25
+    assert [s.num_experts for s in open_checkpoint(out + "/src-tgt.pt").specs] == [12, 12]
+
+
+def test_missing_and_truncated_shards_are_named(recorded):
+    tmp_path = recorded[0]
+    full = open_checkpoint(str(tmp_path / "model.pt"))
+    every = {spec.prefix: list(range(spec.num_experts)) for spec in full.specs}
+    paths = save_sharded(prune_state(full, every), str(tmp_path / "ck-shared.pt"))
+    data = Path(paths[3]).read_bytes()
+    Path(paths[3]).write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match="ck-rank-2.pt"):
+        prune_state(open_checkpoint(paths[0]), every)
+    os.unlink(paths[5])
+    with pytest.raises(CheckpointError, match="missing shard .*ck-rank-4.pt"):
+        open_checkpoint(paths[0])
