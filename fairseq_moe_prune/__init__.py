@@ -9,7 +9,10 @@ import logging
 # fairseq's text-to-speech task logs an irrelevant "install tensorboardX" notice on import
 logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
 
-from fairseq_moe_prune.checkpoints.safe_load import guard_fairseq_loading, install_allowlist  # noqa: E402
+from fairseq_moe_prune.checkpoints.safe_load import (  # noqa: E402
+    guard_fairseq_loading,
+    install_allowlist,
+)
 
 install_allowlist()
 guard_fairseq_loading()

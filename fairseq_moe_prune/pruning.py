@@ -17,7 +17,13 @@ from tqdm import tqdm
 
 from fairseq_moe_prune import stats as stats_lib
 from fairseq_moe_prune.checkpoints.layouts import MoECheckpoint, open_checkpoint
-from fairseq_moe_prune.checkpoints.surgery import prune_state, publish_directory, save_sharded, save_single
+from fairseq_moe_prune.checkpoints.surgery import (
+    prune_checkpoint,
+    publish_directory,
+    save_sharded,
+    save_single,
+)
+from fairseq_moe_prune.files import umask
 from fairseq_moe_prune.models.layout import MoELayerSpec
 from fairseq_moe_prune.ranking import (
     Budget,
@@ -187,6 +193,7 @@ def prune(checkpoint_path: str, out_dir: str, options: PruneOptions, stats_path:
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(dir=parent, prefix=".staging-")
+    os.chmod(staging, 0o777 & ~umask())  # mkdtemp makes 0700
     try:
         manifest = write_outputs(checkpoint, outputs, per_language, staging, options, stats_path, experts_json_in)
         publish_directory(staging, out_dir, force)
@@ -209,11 +216,12 @@ def write_outputs(checkpoint: MoECheckpoint, outputs: Mapping[str, Choice], per_
         "outputs": {},
     }
     for name, choice in tqdm(sorted(outputs.items()), desc="pruned checkpoints", unit="ckpt", disable=None):
-        state = prune_state(checkpoint, choice.kept, fp16=options.fp16)
+        pruned = prune_checkpoint(checkpoint, choice.kept)
         if options.sharded:
-            files = [os.path.basename(p) for p in save_sharded(state, os.path.join(staging, f"{name}-shared.pt"))]
+            paths = save_sharded(pruned, os.path.join(staging, f"{name}-shared.pt"), options.fp16)
+            files = [os.path.basename(p) for p in paths]
         else:
-            save_single(state, os.path.join(staging, f"{name}.pt"))
+            save_single(pruned, os.path.join(staging, f"{name}.pt"), options.fp16)
             files = [f"{name}.pt"]
         kept_total = sum(len(ids) for ids in choice.kept.values())
         manifest["outputs"][name] = {
@@ -225,7 +233,7 @@ def write_outputs(checkpoint: MoECheckpoint, outputs: Mapping[str, Choice], per_
                 for prefix, ids in choice.kept.items()
             },
         }
-        del state
+        del pruned
     if per_language and len({spec.num_experts for spec in checkpoint.specs}) == 1:
         stats_lib.write_atomic(os.path.join(staging, "experts.json"),
                                json.dumps(experts_json(per_language, checkpoint.specs), sort_keys=True) + "\n")

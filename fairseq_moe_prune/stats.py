@@ -9,12 +9,12 @@ writes. The file is canonical JSON, written atomically.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
+
+from fairseq_moe_prune.files import atomic_open
 
 FORMAT = "fairseq-moe-prune/stats"
 VERSION = 1
@@ -145,19 +145,8 @@ def split_pair(pair: str) -> Tuple[str, str]:
 
 def write_atomic(path: str, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the new one, never a mix."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w") as f:
+        f.write(text)
 
 
 def save(stats: MoEStats, path: str) -> None:

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Sequence, Tuple
 
 import torch
+from fairseq import options, tasks
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from omegaconf import OmegaConf
 
 import fairseq_moe_prune  # noqa: F401  (registers the plugin)
-from fairseq import options, tasks
-from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 USER_DIR = os.path.dirname(os.path.abspath(fairseq_moe_prune.__file__))
 SYMBOLS = [f"w{i}" for i in range(40)]

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from tests.conftest import TEST_SENTENCES, multilingual_args, run_cli
-from tests.helpers import USER_DIR
 
 pytestmark = pytest.mark.slow
 

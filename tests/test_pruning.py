@@ -2,17 +2,17 @@
 
 import hashlib
 import os
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
-
 from fairseq import checkpoint_utils
 
 from fairseq_moe_prune import stats
 from fairseq_moe_prune.checkpoints.layouts import open_checkpoint
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
-from fairseq_moe_prune.checkpoints.surgery import prune_state, save_sharded, save_single
+from fairseq_moe_prune.checkpoints.surgery import prune_checkpoint, save_sharded, save_single
 from fairseq_moe_prune.pruning import PruneOptions, prune
 from fairseq_moe_prune.ranking import SelectionError
 from tests.helpers import build_tiny_model, logits, random_batch, save_like_trainer
@@ -70,8 +70,7 @@ def test_pruning_experts_never_chosen_on_an_input_keeps_its_translations(recorde
     counts = stats.load(str(tmp_path / "stats.json")).pairs["src-tgt"].layers
     kept = {prefix: [e for e in range(EXPERTS) if counts[prefix].top2[e] > 0] for prefix in (ENC, DEC)}
     assert all(len(ids) < EXPERTS for ids in kept.values())  # something is pruned in each layer
-    state = prune_state(open_checkpoint(str(tmp_path / "model.pt")), kept)
-    save_single(state, str(tmp_path / "pruned.pt"))
+    save_single(prune_checkpoint(open_checkpoint(str(tmp_path / "model.pt")), kept), str(tmp_path / "pruned.pt"))
     pruned = load(tmp_path / "pruned.pt")
     assert [layer.num_experts for layer in pruned.moe_layers()] == [len(kept[ENC]), len(kept[DEC])]
     before = generate(task, generator, load(tmp_path / "model.pt"), sample)
@@ -82,24 +81,40 @@ def test_pruning_experts_never_chosen_on_an_input_keeps_its_translations(recorde
             assert score_after == pytest.approx(score_before, abs=1e-5)
 
 
+def weights(path) -> dict:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_sharded_input_prunes_to_the_same_tensors_and_round_trips(recorded):
     tmp_path = recorded[0]
     full = open_checkpoint(str(tmp_path / "model.pt"))
     every = {spec.prefix: list(range(spec.num_experts)) for spec in full.specs}
-    paths = save_sharded(prune_state(full, every), str(tmp_path / "ck-shared.pt"))
+    paths = save_sharded(prune_checkpoint(full, every), str(tmp_path / "ck-shared.pt"))
     assert len(paths) == 1 + EXPERTS
     sharded = open_checkpoint(paths[0])
     assert len(sharded.ranks) == EXPERTS and "experts" not in " ".join(sharded.state["model"])
+    assert list(weights(paths[3])) == [f"{ENC}.experts.0.fc1.weight", f"{ENC}.experts.0.fc1.bias",
+                                       f"{ENC}.experts.0.fc2.weight", f"{ENC}.experts.0.fc2.bias",
+                                       f"{DEC}.experts.0.fc1.weight", f"{DEC}.experts.0.fc1.bias",
+                                       f"{DEC}.experts.0.fc2.weight", f"{DEC}.experts.0.fc2.bias"]
     kept = {ENC: [1, 5, 9], DEC: [0, 15]}
-    from_single, from_shards = prune_state(full, kept)["model"], prune_state(sharded, kept)["model"]
-    assert list(from_single) == list(from_shards)
-    assert all(torch.equal(from_single[k], from_shards[k]) for k in from_single)
-    # sharded -> single -> sharded gives the same tensors back
-    save_single(prune_state(sharded, every), str(tmp_path / "single.pt"))
-    again = save_sharded(prune_state(open_checkpoint(str(tmp_path / "single.pt")), every), str(tmp_path / "re-shared.pt"))
+    save_single(prune_checkpoint(full, kept), str(tmp_path / "from-single.pt"))
+    save_single(prune_checkpoint(sharded, kept), str(tmp_path / "from-shards.pt"))
+    assert_same_weights(weights(tmp_path / "from-single.pt"), weights(tmp_path / "from-shards.pt"))
+    assert torch.equal(weights(tmp_path / "from-shards.pt")[f"{ENC}.experts.2.fc1.weight"],
+                       weights(tmp_path / "model.pt")[f"{ENC}.experts.9.fc1.weight"])
+    # sharded -> single -> sharded gives the same files' tensors back
+    save_single(prune_checkpoint(sharded, every), str(tmp_path / "single.pt"))
+    assert_same_weights(weights(tmp_path / "single.pt"), weights(tmp_path / "model.pt"))
+    again = save_sharded(prune_checkpoint(open_checkpoint(str(tmp_path / "single.pt")), every),
+                         str(tmp_path / "re-shared.pt"))
     for first, second in zip(paths, again):
-        a, b = torch.load(first, weights_only=True)["model"], torch.load(second, weights_only=True)["model"]
-        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+        assert_same_weights(weights(first), weights(second))
 
 
 def test_pruning_twice_gives_byte_identical_files_and_leaves_the_input_alone(recorded):
@@ -110,6 +125,8 @@ def test_pruning_twice_gives_byte_identical_files_and_leaves_the_input_alone(rec
         prune(str(tmp_path / "model.pt"), str(tmp_path / out), options, stats_path=str(tmp_path / "stats.json"))
     for name in ("src-tgt.pt", "experts.json"):
         assert sha256(tmp_path / "a" / name) == sha256(tmp_path / "b" / name)
+    with zipfile.ZipFile(tmp_path / "a" / "src-tgt.pt") as archive:
+        assert archive.testzip() is None  # every record's CRC matches its bytes
     assert sha256(tmp_path / "model.pt") == before
     state = torch.load(tmp_path / "a" / "src-tgt.pt", weights_only=True)
     assert state["model"][f"{ENC}.gate.wg.weight"].dtype == torch.float16
@@ -164,11 +181,12 @@ def test_missing_and_truncated_shards_are_named(recorded):
     tmp_path = recorded[0]
     full = open_checkpoint(str(tmp_path / "model.pt"))
     every = {spec.prefix: list(range(spec.num_experts)) for spec in full.specs}
-    paths = save_sharded(prune_state(full, every), str(tmp_path / "ck-shared.pt"))
+    paths = save_sharded(prune_checkpoint(full, every), str(tmp_path / "ck-shared.pt"))
     data = Path(paths[3]).read_bytes()
     Path(paths[3]).write_bytes(data[: len(data) // 3])
     with pytest.raises(CheckpointError, match="ck-rank-2.pt"):
-        prune_state(open_checkpoint(paths[0]), every)
+        save_single(prune_checkpoint(open_checkpoint(paths[0]), every), str(tmp_path / "out.pt"))
+    assert not (tmp_path / "out.pt").exists() and not list(tmp_path.glob(".tmp-*"))
     os.unlink(paths[5])
     with pytest.raises(CheckpointError, match="missing shard .*ck-rank-4.pt"):
         open_checkpoint(paths[0])

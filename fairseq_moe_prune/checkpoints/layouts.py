@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 from torch import Tensor
 
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError, load_checkpoint
+from fairseq_moe_prune.checkpoints.streaming import Entry, SourceTensor
 from fairseq_moe_prune.models.layout import MoELayerSpec, moe_layers
 
 SHARED_SUFFIX = "-shared.pt"
@@ -67,25 +68,31 @@ class MoECheckpoint:
         """Every weight that does not belong to an expert (gates included)."""
         return {k: v for k, v in self.state["model"].items() if not is_expert_key(k)}
 
-    def experts(self, wanted: Mapping[str, List[int]]) -> Iterator[Tuple[str, int, Dict[str, Tensor]]]:
+    def experts(self, wanted: Mapping[str, List[int]]) -> Iterator[Tuple[str, int, Dict[str, Entry]]]:
         """(layer prefix, original expert id, its tensors) for every wanted expert.
 
-        Sharded checkpoints are read rank by rank; a rank file is released before the next opens.
+        A single file gives the (memory-mapped) tensors; a sharded checkpoint gives
+        :class:`SourceTensor` references, read when written, one rank file at a time.
         """
         if self.ranks is None:
             for prefix, ids in wanted.items():
                 for expert in ids:
                     yield prefix, expert, expert_tensors(self.state["model"], prefix, expert, self.path)
             return
+        # every rank file has the same layout (NLLB's does): shapes come from rank 0, and each tensor is
+        # checked against them when it is finally read
         per_rank = self.experts_per_rank()
-        for rank, path in enumerate(self.ranks):
-            rank_weights = load_checkpoint(path)["model"]
-            for prefix, ids in wanted.items():
-                for expert in ids:
-                    if expert // per_rank[prefix] == rank:
-                        local = expert % per_rank[prefix]
-                        yield prefix, expert, expert_tensors(rank_weights, prefix, local, path)
-            del rank_weights
+        first = load_checkpoint(self.ranks[0])["model"]
+        shapes = {p: {n: (tuple(t.shape), t.dtype) for n, t in expert_tensors(first, p, 0, self.ranks[0]).items()}
+                  for p in wanted}
+        del first
+        for prefix, ids in wanted.items():
+            for expert in ids:
+                rank, local = divmod(expert, per_rank[prefix])
+                yield prefix, expert, {
+                    name: SourceTensor(self.ranks[rank], f"{prefix}.experts.{local}.{name}", shape, dtype)
+                    for name, (shape, dtype) in shapes[prefix].items()
+                }
 
     def experts_per_rank(self) -> Dict[str, int]:
         counts = {}

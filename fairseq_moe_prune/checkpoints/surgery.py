@@ -11,13 +11,18 @@ import copy
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping
 
 import torch
-from torch import Tensor
 
-from fairseq_moe_prune.checkpoints.layouts import SHARED_SUFFIX, MoECheckpoint, is_expert_key
+from fairseq_moe_prune.checkpoints.layouts import (
+    EXPERT_KEY,
+    SHARED_SUFFIX,
+    MoECheckpoint,
+)
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
+from fairseq_moe_prune.checkpoints.streaming import Entry, save_streaming
 from fairseq_moe_prune.models.layout import MoELayerSpec, format_counts
 
 
@@ -44,89 +49,73 @@ def pruned_config(config: Any, specs: List[MoELayerSpec], kept: Mapping[str, Lis
     return config
 
 
-def _cast(tensor: Tensor, fp16: bool) -> Tensor:
-    return tensor.half() if fp16 and tensor.is_floating_point() else tensor
+@dataclass
+class PrunedCheckpoint:
+    """What to write: the checkpoint's other entries, and the weights (some still in their files)."""
+
+    state: Dict[str, Any]  # everything but "model"; the optimizer state is dropped
+    model: Dict[str, Entry]
 
 
-def prune_state(checkpoint: MoECheckpoint, kept: Mapping[str, List[int]], fp16: bool = False) -> Dict[str, Any]:
-    """The pruned checkpoint as a state dict ready for ``torch.save``; the optimizer state is dropped.
-
-    Weights keep the original key order; each layer's kept experts follow its gate.
-    """
+def prune_checkpoint(checkpoint: MoECheckpoint, kept: Mapping[str, List[int]]) -> PrunedCheckpoint:
+    """Keep ``kept[layer]`` experts of each MoE layer. Weights keep their key order; experts follow their gate."""
     for spec in checkpoint.specs:
         ids = kept[spec.prefix]
         if not ids or ids != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= spec.num_experts:
             raise CheckpointError(f"{spec.prefix}: kept ids must be distinct, ascending, in 0..{spec.num_experts - 1}")
-    experts: Dict[str, Dict[int, Dict[str, Tensor]]] = {}
+    experts: Dict[str, Dict[int, Dict[str, Entry]]] = {}
     for prefix, expert, tensors in checkpoint.experts(kept):
         experts.setdefault(prefix, {})[expert] = tensors
 
-    weights: Dict[str, Tensor] = {}
+    model: Dict[str, Entry] = {}
     for key, value in checkpoint.dense_weights().items():
-        prefix = key[: -len(".gate.wg.weight")] if key.endswith(".moe_layer.gate.wg.weight") else None
-        if prefix is None:
-            weights[key] = _cast(value, fp16)
+        if not key.endswith(".moe_layer.gate.wg.weight"):
+            model[key] = value
             continue
-        ids = kept[prefix]
-        weights[key] = _cast(value[torch.tensor(ids)], fp16)
-        for new_id, old_id in enumerate(ids):
+        prefix = key[: -len(".gate.wg.weight")]
+        model[key] = value[torch.tensor(kept[prefix])]
+        for new_id, old_id in enumerate(kept[prefix]):
             for name, tensor in experts[prefix][old_id].items():
-                weights[f"{prefix}.experts.{new_id}.{name}"] = _cast(tensor, fp16)
+                model[f"{prefix}.experts.{new_id}.{name}"] = tensor
 
     state = {k: v for k, v in checkpoint.state.items() if k not in ("model", "last_optimizer_state")}
-    state["model"] = weights
     config = pruned_config(checkpoint.config, checkpoint.specs, kept)
     if state.get("cfg") is not None and state["cfg"].get("model") is not None:
         state["cfg"] = dict(state["cfg"], model=config)
     else:
         state["args"] = config
-    return state
+    return PrunedCheckpoint(state, model)
 
 
-def save_single(state: Dict[str, Any], path: str) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: never a half-written file.
-
-    Saving through a file object keeps torch's archive name fixed ("archive"), so the bytes do
-    not depend on the file's name: the same state always gives the same file.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def save_single(pruned: PrunedCheckpoint, path: str, fp16: bool = False) -> None:
+    """One checkpoint file, written atomically and deterministically."""
+    save_streaming(pruned.state, pruned.model, path, torch.float16 if fp16 else None)
 
 
-def save_sharded(state: Dict[str, Any], shared_path: str) -> List[str]:
+def save_sharded(pruned: PrunedCheckpoint, shared_path: str, fp16: bool = False) -> List[str]:
     """NLLB's layout: ``X-shared.pt`` without experts and ``X-rank-N.pt`` with expert N of every layer.
 
     Needs the same number of experts in every MoE layer, as the nllb branch's loader does.
     """
     if not shared_path.endswith(SHARED_SUFFIX):
         raise CheckpointError(f"a sharded checkpoint is named X{SHARED_SUFFIX}, got {shared_path}")
-    experts: Dict[str, Dict[str, Tensor]] = {}  # "prefix.experts.N.name" grouped by N below
-    counts = {}
-    for key, value in state["model"].items():
-        if is_expert_key(key):
-            prefix, rest = key.split(".experts.", 1)
-            expert, name = rest.split(".", 1)
-            experts.setdefault(expert, {})[f"{prefix}.experts.0.{name}"] = value
-            counts.setdefault(prefix, set()).add(int(expert))
-    per_layer = {len(ids) for ids in counts.values()}
-    if len(per_layer) != 1:
+    ranks: Dict[int, Dict[str, Entry]] = {}
+    counts: Dict[str, int] = {}
+    for key, value in pruned.model.items():
+        match = EXPERT_KEY.match(key)
+        if match:
+            expert = int(match.group("expert"))
+            ranks.setdefault(expert, {})[f"{match.group('prefix')}.experts.0.{match.group('name')}"] = value
+            counts[match.group("prefix")] = max(counts.get(match.group("prefix"), 0), expert + 1)
+    if len(set(counts.values())) != 1:
         raise CheckpointError("the sharded layout needs the same number of experts in every MoE layer")
-    shared = dict(state, model={k: v for k, v in state["model"].items() if not is_expert_key(k)})
+    dtype = torch.float16 if fp16 else None
+    shared = {k: v for k, v in pruned.model.items() if not EXPERT_KEY.match(k)}
     base = shared_path[: -len(SHARED_SUFFIX)]
-    paths = [shared_path] + [f"{base}-rank-{rank}.pt" for rank in range(per_layer.pop())]
-    save_single(shared, paths[0])
-    for rank, path in enumerate(paths[1:]):
-        save_single({"model": experts[str(rank)]}, path)
+    paths = [shared_path] + [f"{base}-rank-{rank}.pt" for rank in sorted(ranks)]
+    save_streaming(pruned.state, shared, shared_path, dtype)
+    for rank, path in zip(sorted(ranks), paths[1:]):
+        save_streaming({}, ranks[rank], path, dtype)
     return paths
 
 

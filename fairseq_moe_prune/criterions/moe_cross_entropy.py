@@ -7,7 +7,6 @@ loss = cross-entropy + moe_gate_loss_wt * sample_size * (mean or sum of each MoE
 from dataclasses import dataclass, field
 
 import torch
-
 from fairseq import metrics
 from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import (

@@ -9,13 +9,12 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
-from torch import Tensor
-
 from fairseq import utils
 from fairseq.modules.transformer_layer import (
     TransformerDecoderLayerBase,
     TransformerEncoderLayerBase,
 )
+from torch import Tensor
 
 from fairseq_moe_prune.models.layout import MoEConfigError
 from fairseq_moe_prune.moe.layer import GateOptions, MoELayer

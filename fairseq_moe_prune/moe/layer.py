@@ -10,10 +10,9 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
-from torch import Tensor
-
 from fairseq import utils
 from fairseq.modules.fairseq_dropout import FairseqDropout
+from torch import Tensor
 
 from fairseq_moe_prune.moe.gate import Routing, top1gating, top2gating
 

@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, List, Optional
 
 import torch
-from torch import Tensor
-
 from fairseq.data import data_utils
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from torch import Tensor
 
 from fairseq_moe_prune import stats
 from fairseq_moe_prune.recording import Recorder

@@ -5,7 +5,10 @@ from dataclasses import dataclass
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-from fairseq_moe_prune.tasks.recording_hook import GateRecordingConfig, GateRecordingMixin
+from fairseq_moe_prune.tasks.recording_hook import (
+    GateRecordingConfig,
+    GateRecordingMixin,
+)
 
 
 @dataclass

@@ -4,7 +4,10 @@ from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.tasks import register_task
 from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleEpochTask
 
-from fairseq_moe_prune.tasks.recording_hook import GateRecordingConfig, GateRecordingMixin
+from fairseq_moe_prune.tasks.recording_hook import (
+    GateRecordingConfig,
+    GateRecordingMixin,
+)
 
 
 @register_task("translation_multi_simple_epoch_moe")

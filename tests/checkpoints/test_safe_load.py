@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-
 from fairseq import checkpoint_utils
 
 from fairseq_moe_prune.checkpoints.safe_load import (

@@ -4,7 +4,6 @@ import argparse
 
 import pytest
 import torch
-
 from fairseq import checkpoint_utils
 from fairseq.models import ARCH_CONFIG_REGISTRY
 

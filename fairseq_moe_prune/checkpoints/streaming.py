@@ -1,0 +1,134 @@
+"""Save a checkpoint whose expert tensors are read one source file at a time.
+
+``torch.save`` wants every tensor in memory at once, which for a pruned NLLB means gigabytes of
+kept experts. We save the structure first with untouched placeholders
+(``torch.serialization.skip_data`` leaves each tensor's bytes as a hole of the right size), then
+fill each hole from its source,
+opening one source file at a time, and finally patch the zip CRCs. The result is an ordinary
+torch checkpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import struct
+import zipfile
+import zlib
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from fairseq_moe_prune.checkpoints.safe_load import CheckpointError, load_checkpoint
+from fairseq_moe_prune.files import atomic_open
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """A tensor still in its source file: ``model[key]`` of the checkpoint at ``path``."""
+
+    path: str
+    key: str
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+
+
+Entry = Union[Tensor, SourceTensor]
+
+
+def _storage_identity(tensor: Tensor) -> Tuple:
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+            tuple(tensor.stride()), tensor.dtype)
+
+
+def _placeholders(model: Mapping[str, Entry], dtype: Optional[torch.dtype]) -> Tuple[Dict[str, Tensor], List[Tuple[str, Entry]]]:
+    """Placeholders standing in for ``model``, and the order torch will write their storages in.
+
+    A placeholder is an uninitialised tensor: its pages are never touched, so it costs address
+    space, not memory. Entries that are one tensor (tied embeddings) share one placeholder.
+    """
+    placeholders: Dict[str, Tensor] = {}
+    records: List[Tuple[str, Entry]] = []
+    seen: Dict[Tuple, Tensor] = {}
+    for key, entry in model.items():
+        identity = ("src", entry.path, entry.key) if isinstance(entry, SourceTensor) else _storage_identity(entry)
+        if identity not in seen:
+            out_dtype = dtype if dtype is not None and entry.dtype.is_floating_point else entry.dtype
+            seen[identity] = torch.empty(tuple(entry.shape), dtype=out_dtype)
+            records.append((key, entry))
+        placeholders[key] = seen[identity]
+    return placeholders, records
+
+
+def _record_offsets(fd: int) -> Tuple[Dict[str, Tuple[int, int, int]], int]:
+    """name -> (local header offset, data offset, size) of every zip record, and the central dir start."""
+    with zipfile.ZipFile(os.fdopen(os.dup(fd), "rb")) as archive:
+        offsets = {}
+        for info in archive.infolist():
+            header = os.pread(fd, 30, info.header_offset)
+            name_length, extra_length = struct.unpack("<HH", header[26:30])
+            offsets[info.filename] = (info.header_offset, info.header_offset + 30 + name_length + extra_length,
+                                      info.file_size)
+        return offsets, archive.start_dir
+
+
+def _patch_crcs(fd: int, crcs: Mapping[str, int], offsets: Mapping[str, Tuple[int, int, int]], start_dir: int) -> None:
+    """Write the CRC-32 of each filled record into its local header and its central directory entry."""
+    position = start_dir
+    while True:
+        header = os.pread(fd, 46, position)
+        if header[:4] != b"PK\x01\x02":
+            break
+        name_length, extra_length, comment_length = struct.unpack("<HHH", header[28:34])
+        name = os.pread(fd, name_length, position + 46).decode()
+        if name in crcs:
+            packed = struct.pack("<I", crcs[name])
+            os.pwrite(fd, packed, position + 16)
+            os.pwrite(fd, packed, offsets[name][0] + 14)
+        position += 46 + name_length + extra_length + comment_length
+
+
+def _as_bytes(tensor: Tensor, dtype: Optional[torch.dtype]) -> memoryview:
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    return memoryview(tensor.contiguous().view(torch.uint8).reshape(-1).numpy())
+
+
+def save_streaming(state: Mapping[str, Any], model: Mapping[str, Entry], path: str,
+                   dtype: Optional[torch.dtype] = None) -> None:
+    """Write ``{**state, "model": model}`` to ``path`` atomically; floating tensors cast to ``dtype``."""
+    placeholders, records = _placeholders(model, dtype)
+    with atomic_open(path) as f:
+        with torch.serialization.skip_data():
+            torch.save({**state, "model": placeholders}, f)
+        f.flush()
+        fd = f.fileno()
+        offsets, start_dir = _record_offsets(fd)
+        prefix = next(name for name in offsets if name.endswith("/data.pkl"))[: -len("data.pkl")]
+        crcs: Dict[str, int] = {}
+        # fill holes grouped by source file: one source file is open at a time
+        by_source = sorted(enumerate(records), key=lambda item: _source_path(item[1][1]))
+        for source_path, group in itertools.groupby(by_source, key=lambda item: _source_path(item[1][1])):
+            source = load_checkpoint(source_path)["model"] if source_path else None
+            for index, (key, entry) in group:
+                if isinstance(entry, SourceTensor) and entry.key not in source:
+                    raise CheckpointError(f"{entry.path}: missing {entry.key} (truncated or mismatched shard?)")
+                tensor = source[entry.key] if isinstance(entry, SourceTensor) else entry
+                if isinstance(entry, SourceTensor) and (tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype):
+                    raise CheckpointError(f"{entry.path}: {entry.key} has shape {tuple(tensor.shape)} {tensor.dtype}, "
+                                          f"unlike the same tensor in the first rank file")
+                name = f"{prefix}data/{index}"
+                _, data_offset, size = offsets[name]
+                data = _as_bytes(tensor, dtype)
+                if len(data) != size:
+                    raise CheckpointError(f"internal error: {key} needs {len(data)} bytes, its record has {size}")
+                os.pwrite(fd, data, data_offset)
+                crcs[name] = zlib.crc32(data)
+            del source
+        _patch_crcs(fd, crcs, offsets, start_dir)
+
+
+def _source_path(entry: Entry) -> str:
+    return entry.path if isinstance(entry, SourceTensor) else ""
