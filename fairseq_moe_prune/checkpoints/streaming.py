@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import pickle
 import struct
+import types
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -50,7 +52,7 @@ def _placeholders(model: Mapping[str, Entry], dtype: Optional[torch.dtype]) -> T
     space, not memory. Entries that are one tensor (tied embeddings) share one placeholder.
     """
     placeholders: Dict[str, Tensor] = {}
-    records: List[Tuple[str, Entry]] = []
+    records: List[Tuple[str, Entry]] = []  # one per placeholder
     seen: Dict[Tuple, Tensor] = {}
     for key, entry in model.items():
         identity = ("src", entry.path, entry.key) if isinstance(entry, SourceTensor) else _storage_identity(entry)
@@ -96,38 +98,70 @@ def _as_bytes(tensor: Tensor, dtype: Optional[torch.dtype]) -> memoryview:
     return memoryview(tensor.contiguous().view(torch.uint8).reshape(-1).numpy())
 
 
+def _storage_key_recorder(keys: Dict[str, Any]):
+    """A pickle module for ``torch.save`` that notes which storage each record key was given to."""
+
+    class Pickler(pickle.Pickler):
+        def __init_subclass__(cls, **kwargs):
+            # torch.save subclasses our Pickler with its own persistent_id; wrap that one
+            super().__init_subclass__(**kwargs)
+            assign_key = cls.persistent_id
+
+            def persistent_id(self, obj):
+                pid = assign_key(self, obj)
+                if isinstance(pid, tuple) and pid and pid[0] == "storage":
+                    keys[pid[2]] = obj._untyped_storage if isinstance(obj, torch.storage.TypedStorage) else obj
+                return pid
+
+            cls.persistent_id = persistent_id
+
+    return types.SimpleNamespace(Pickler=Pickler, __name__="pickle")
+
+
 def save_streaming(state: Mapping[str, Any], model: Mapping[str, Entry], path: str,
                    dtype: Optional[torch.dtype] = None) -> None:
     """Write ``{**state, "model": model}`` to ``path`` atomically; floating tensors cast to ``dtype``."""
     placeholders, records = _placeholders(model, dtype)
+    entries = {placeholders[key].untyped_storage().data_ptr(): entry for key, entry in records}
+    storages: Dict[str, Any] = {}  # record key -> the storage torch wrote (as a hole) under it
     with atomic_open(path) as f:
         with torch.serialization.skip_data():
-            torch.save({**state, "model": placeholders}, f)
+            torch.save({**state, "model": placeholders}, f, pickle_module=_storage_key_recorder(storages))
         f.flush()
         fd = f.fileno()
         offsets, start_dir = _record_offsets(fd)
         prefix = next(name for name in offsets if name.endswith("/data.pkl"))[: -len("data.pkl")]
+        # what goes in each hole: a model entry, or the bytes of a tensor elsewhere in the state
+        fills = [(f"{prefix}data/{key}", entries.get(storage.data_ptr(), storage))
+                 for key, storage in storages.items() if storage.nbytes() > 0]
         crcs: Dict[str, int] = {}
-        # fill holes grouped by source file: one source file is open at a time
-        by_source = sorted(enumerate(records), key=lambda item: _source_path(item[1][1]))
-        for source_path, group in itertools.groupby(by_source, key=lambda item: _source_path(item[1][1])):
+        # grouped by source file: one source file is open at a time
+        fills.sort(key=lambda fill: _source_path(fill[1]))
+        for source_path, group in itertools.groupby(fills, key=lambda fill: _source_path(fill[1])):
             source = load_checkpoint(source_path)["model"] if source_path else None
-            for index, (key, entry) in group:
-                if isinstance(entry, SourceTensor) and entry.key not in source:
-                    raise CheckpointError(f"{entry.path}: missing {entry.key} (truncated or mismatched shard?)")
-                tensor = source[entry.key] if isinstance(entry, SourceTensor) else entry
-                if isinstance(entry, SourceTensor) and (tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype):
-                    raise CheckpointError(f"{entry.path}: {entry.key} has shape {tuple(tensor.shape)} {tensor.dtype}, "
-                                          f"unlike the same tensor in the first rank file")
-                name = f"{prefix}data/{index}"
+            for name, entry in group:
+                data = _fill_bytes(entry, source, dtype)
                 _, data_offset, size = offsets[name]
-                data = _as_bytes(tensor, dtype)
                 if len(data) != size:
-                    raise CheckpointError(f"internal error: {key} needs {len(data)} bytes, its record has {size}")
+                    raise CheckpointError(f"internal error: {name} needs {size} bytes, got {len(data)}")
                 os.pwrite(fd, data, data_offset)
                 crcs[name] = zlib.crc32(data)
             del source
         _patch_crcs(fd, crcs, offsets, start_dir)
+
+
+def _fill_bytes(entry: Any, source: Optional[Mapping[str, Tensor]], dtype: Optional[torch.dtype]) -> memoryview:
+    if isinstance(entry, torch.UntypedStorage):  # a tensor of the state outside "model", as it is
+        return memoryview(torch.empty(0, dtype=torch.uint8).set_(entry).numpy())
+    if isinstance(entry, SourceTensor):
+        if entry.key not in source:
+            raise CheckpointError(f"{entry.path}: missing {entry.key} (truncated or mismatched shard?)")
+        tensor = source[entry.key]
+        if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype:
+            raise CheckpointError(f"{entry.path}: {entry.key} has shape {tuple(tensor.shape)} {tensor.dtype}, "
+                                  f"unlike the same tensor in the first rank file")
+        return _as_bytes(tensor, dtype)
+    return _as_bytes(entry, dtype)
 
 
 def _source_path(entry: Entry) -> str:
