@@ -45,6 +45,16 @@ def run_measured(command: List[str]) -> Tuple[float, int, str]:
     return wall, rss, result.stdout + result.stderr
 
 
+def drop_page_cache() -> bool:
+    """Start a measurement with nothing cached (needs root; returns False where not allowed)."""
+    subprocess.run(["sync"])
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
 def task_args(data: Path) -> List[str]:
     return [str(data / "bin"), "--user-dir", USER_DIR, "--task", "translation_multi_simple_epoch_moe",
             "--langs", LANGS, "--lang-pairs", PAIRS, "--encoder-langtok", "src", "--decoder-langtok"]
@@ -95,6 +105,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_prune"))
     parser.add_argument("--ffn", type=int, default=1400, help="expert FFN width (1400 gives ~2.2 GB of experts)")
     parser.add_argument("--reuse", action="store_true", help="reuse the data and model of an earlier run in --work")
+    parser.add_argument("--warm", action="store_true", help="do not drop the page cache before each measurement")
     args = parser.parse_args()
     work = args.work
     single, shared = work / "full.pt", work / "full-shared.pt"
@@ -115,26 +126,30 @@ def main() -> None:
 
     print("statistics and full-model generation", flush=True)
     full_speed, full_rss = generate(work / "data", single, work / "stats.json")
-    subprocess.run(["sync"])
     for folder in ("pruned", "pruned-sharded"):
         shutil.rmtree(work / folder, ignore_errors=True)
 
+    cold = not args.warm and drop_page_cache()
+    print(f"page cache: {'dropped before each measurement (cold)' if cold else 'as it is (warm)'}", flush=True)
     start = time.perf_counter()
     subprocess.run(["cat", str(shared), *map(str, shards)], stdout=subprocess.DEVNULL, check=True)
     cat_seconds = time.perf_counter() - start
     print("pruning 80%: per language, importance, 3:1, single-file output", flush=True)
+    cold and drop_page_cache()
     prune_seconds, prune_rss, _ = run_measured([
         "fairseq-moe-prune", "prune", str(shared), "--stats", str(work / "stats.json"), "--out", str(work / "pruned"),
         "--granularity", "language", "--metric", "importance", "--prune-fraction", "0.8", "--ratio", "3:1",
         "--directions", "eng_Latn-deu_Latn",
     ])
     # NLLB's sharded layout needs equal counts per layer: 1:1 here (25 per layer, 300 kept)
+    cold and drop_page_cache()
     sharded_seconds, sharded_rss, _ = run_measured([
         "fairseq-moe-prune", "prune", str(shared), "--stats", str(work / "stats.json"), "--out",
         str(work / "pruned-sharded"), "--granularity", "language", "--prune-fraction", "0.8", "--ratio", "1:1",
         "--directions", "eng_Latn-deu_Latn", "--sharded",
     ])
     # the CLI's fixed cost: torch + fairseq imported, nothing read
+    cold and drop_page_cache()
     baseline_seconds, baseline_rss, _ = run_measured(["fairseq-moe-prune", "user-dir"])
     pruned = work / "pruned" / "eng_Latn-deu_Latn.pt"
     manifest = json.loads((work / "pruned" / "manifest.json").read_text())
