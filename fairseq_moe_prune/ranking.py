@@ -1,6 +1,7 @@
 """Rank experts from statistics and choose which to keep: pure functions of counts.
 
-Metrics follow Koishekenov et al. (2023); each is normalised to sum to 1 within a layer.
+Metrics follow Koishekenov et al. (2023), plus REAP saliency (Cerebras 2025); each is
+normalised to sum to 1 within a layer.
 Selection is either a fixed number per layer (with an encoder:decoder ratio) or one threshold
 over all layers together (with a minimum per layer). Kept ids are returned in ascending order,
 which is the order the pruned gate rows and experts take.
@@ -16,9 +17,9 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from fairseq_moe_prune.models.layout import MoELayerSpec
-from fairseq_moe_prune.stats import PROB_SCALE, LayerCounts
+from fairseq_moe_prune.stats import PROB_SCALE, REAP_SCALE, LayerCounts
 
-METRICS = ("importance", "vanilla_importance", "activity", "top2", "load_balancing", "random")
+METRICS = ("importance", "vanilla_importance", "activity", "top2", "load_balancing", "reap", "random")
 
 
 class SelectionError(ValueError):
@@ -42,6 +43,10 @@ def metric_values(counts: LayerCounts, metric: str, seed_text: str = "") -> np.n
         values = counts.top2 / tokens
     elif metric == "load_balancing":
         values = top1 * mean
+    elif metric == "reap":
+        # REAP saliency: mean over the tokens an expert ran on of gate weight * ||expert output||
+        values = np.divide(counts.reap_sum / REAP_SCALE, counts.routed,
+                           out=np.zeros(counts.num_experts), where=counts.routed > 0)
     elif metric == "random":
         # seeded by the layer (and anything else in seed_text) so runs are reproducible
         seed = int.from_bytes(hashlib.sha256(seed_text.encode()).digest()[:8], "little")

@@ -17,9 +17,10 @@ from torch import Tensor
 
 from fairseq_moe_prune.models.layout import MoELayerSpec, moe_layers
 from fairseq_moe_prune.moe.gate import Routing
-from fairseq_moe_prune.moe.layer import MoELayer
+from fairseq_moe_prune.moe.layer import Dispatch, MoELayer
 from fairseq_moe_prune.stats import (
     PROB_SCALE,
+    REAP_SCALE,
     Fingerprint,
     LayerCounts,
     MoEStats,
@@ -47,8 +48,8 @@ def model_fingerprint(model: torch.nn.Module) -> Fingerprint:
     return gate_fingerprint(weights, specs)
 
 
-def routing_counts(routing: Routing, padding: Optional[Tensor]) -> List[Tensor]:
-    """[tokens, top1, top2, prob_sum, prob_first_sum, prob_second_sum, rank_sum] over real tokens.
+def routing_counts(routing: Routing, padding: Optional[Tensor], dispatch: Dispatch) -> List[Tensor]:
+    """[tokens, then each of stats.COUNT_FIELDS] over real tokens.
 
     Pure tensor ops with no host synchronisation: padding is excluded by a 0/1 weight.
     """
@@ -71,11 +72,16 @@ def routing_counts(routing: Routing, padding: Optional[Tensor]) -> List[Tensor]:
     # rank of each expert per token, 0 = most probable; ties broken by lower id, as argmax does
     ranks = torch.argsort(torch.argsort(-probs, dim=1, stable=True), dim=1)
     rank_sum = (ranks * real[:, None]).sum(dim=0)
-    return [real.sum(), top1, top2, fixed.sum(dim=0), prob_first, prob_second, rank_sum]
+    # REAP: what each expert actually contributed, weight * output norm, over the tokens it ran on
+    dispatched_real = real[dispatch.token_ids]
+    routed = zeros.scatter_add(0, dispatch.experts, dispatched_real)
+    saliency = torch.round(dispatch.weights.float() * dispatch.output_norms * REAP_SCALE).long() * dispatched_real
+    reap_sum = zeros.scatter_add(0, dispatch.experts, saliency)
+    return [real.sum(), top1, top2, fixed.sum(dim=0), prob_first, prob_second, rank_sum, routed, reap_sum]
 
 
 class Recorder:
-    """Observes every MoE layer of ``model``; counts only the sides switched on by :meth:`recording`."""
+    """Counts the decisions of ``model``'s MoE layers while :meth:`recording` a side."""
 
     def __init__(self, model: torch.nn.Module, settings: Dict[str, Any]):
         self.specs = model_layout(model)
@@ -84,20 +90,13 @@ class Recorder:
         self.layers: List[MoELayer] = [model.get_submodule(spec.prefix) for spec in self.specs]
         self.fingerprint = model_fingerprint(model)
         self.settings = settings
-        self.active_side: Optional[str] = None
         self.pending: Optional[List[List[Tensor]]] = None
         self.committed: Dict[str, List[List[Tensor]]] = {}
         self.sentences: Dict[str, int] = {}
-        for index, layer in enumerate(self.layers):
-            layer.observer = self._observer(index)
 
     def _observer(self, index: int):
-        side = self.specs[index].side
-
-        def observe(layer: MoELayer, routing: Routing, padding: Optional[Tensor]) -> None:
-            if self.active_side != side:
-                return
-            counts = routing_counts(routing, padding)
+        def observe(layer: MoELayer, routing: Routing, padding: Optional[Tensor], dispatch: Dispatch) -> None:
+            counts = routing_counts(routing, padding, dispatch)
             if self.pending is None:
                 self.pending = [[torch.zeros_like(c) for c in counts] for _ in self.layers]
             for total, count in zip(self.pending[index], counts):
@@ -107,12 +106,18 @@ class Recorder:
 
     @contextlib.contextmanager
     def recording(self, side: str) -> Iterator[None]:
-        """Count the decisions of ``side``'s MoE layers ("encoder" or "decoder") inside the block."""
-        self.active_side = side
+        """Count the decisions of ``side``'s MoE layers ("encoder" or "decoder") inside the block.
+
+        Only then do those layers have an observer, so nothing is spent on them otherwise.
+        """
+        chosen = [i for i, spec in enumerate(self.specs) if spec.side == side]
+        for index in chosen:
+            self.layers[index].observer = self._observer(index)
         try:
             yield
         finally:
-            self.active_side = None
+            for index in chosen:
+                self.layers[index].observer = None
 
     def commit(self, pair: str, sentences: int) -> None:
         """The batch is complete: add its staged counts to ``pair``'s totals (still on the device)."""
@@ -129,10 +134,6 @@ class Recorder:
     def discard(self) -> None:
         """Forget an unfinished batch."""
         self.pending = None
-
-    def detach(self) -> None:
-        for layer in self.layers:
-            layer.observer = None
 
     def snapshot(self) -> MoEStats:
         """The committed counts as a statistics object (this copies them to the host)."""

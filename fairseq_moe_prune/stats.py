@@ -19,9 +19,10 @@ from fairseq_moe_prune.files import atomic_open
 FORMAT = "fairseq-moe-prune/stats"
 VERSION = 1
 PROB_SCALE = 2**32  # probabilities are summed as round(p * PROB_SCALE)
+REAP_SCALE = 2**20  # gate weight * expert output norm, summed as round(v * REAP_SCALE)
 
 # The per-expert arrays of a layer, all int64.
-COUNT_FIELDS = ("top1", "top2", "prob_sum", "prob_first_sum", "prob_second_sum", "rank_sum")
+COUNT_FIELDS = ("top1", "top2", "prob_sum", "prob_first_sum", "prob_second_sum", "rank_sum", "routed", "reap_sum")
 
 
 class StatsError(ValueError):
@@ -39,6 +40,8 @@ class LayerCounts:
     prob_first_sum: np.ndarray  # sum of p(e) over tokens whose first choice is e, fixed point
     prob_second_sum: np.ndarray  # sum of p(e) over tokens whose second choice is e, fixed point
     rank_sum: np.ndarray  # sum of e's rank (0 = most probable) over all tokens
+    routed: np.ndarray  # tokens e actually processed (after capacity and policy)
+    reap_sum: np.ndarray  # sum over those tokens of gate weight * ||e's output||, fixed point (REAP)
 
     @classmethod
     def zeros(cls, num_experts: int) -> "LayerCounts":
@@ -109,6 +112,7 @@ class MoEStats:
             "format": FORMAT,
             "version": VERSION,
             "prob_scale": PROB_SCALE,
+            "reap_scale": REAP_SCALE,
             "model": self.fingerprint.to_json(),
             "settings": self.settings,
             "pairs": {
@@ -124,7 +128,7 @@ class MoEStats:
     def from_json(cls, data: Mapping[str, Any]) -> "MoEStats":
         if data.get("format") != FORMAT:
             raise StatsError("not a fairseq-moe-prune statistics file")
-        if data.get("version") != VERSION or data.get("prob_scale") != PROB_SCALE:
+        if data.get("version") != VERSION or data.get("prob_scale") != PROB_SCALE or data.get("reap_scale") != REAP_SCALE:
             raise StatsError(f"statistics format version {data.get('version')} is not supported (need {VERSION})")
         pairs = {
             pair: PairStats(

@@ -12,7 +12,11 @@ from fairseq import checkpoint_utils
 from fairseq_moe_prune import stats
 from fairseq_moe_prune.checkpoints.layouts import open_checkpoint
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
-from fairseq_moe_prune.checkpoints.surgery import prune_checkpoint, save_sharded, save_single
+from fairseq_moe_prune.checkpoints.surgery import (
+    prune_checkpoint,
+    save_sharded,
+    save_single,
+)
 from fairseq_moe_prune.pruning import PruneOptions, prune
 from fairseq_moe_prune.ranking import SelectionError
 from tests.helpers import build_tiny_model, logits, random_batch, save_like_trainer
@@ -36,7 +40,6 @@ def recorded(tmp_path):
     sample = {"id": torch.arange(4), "net_input": {"src_tokens": src, "src_lengths": lengths}}
     task.inference_step(generator, [model], sample)
     stats.save(task.recorder.snapshot(), str(tmp_path / "stats.json"))
-    task.recorder.detach()
     return tmp_path, task, generator, sample
 
 

@@ -14,10 +14,10 @@ from fairseq_moe_prune.ranking import (
     select_fixed,
     select_threshold,
 )
-from fairseq_moe_prune.stats import PROB_SCALE, LayerCounts
+from fairseq_moe_prune.stats import PROB_SCALE, REAP_SCALE, LayerCounts
 
 
-def counts(top1, conf1, mean, top2=None) -> LayerCounts:
+def counts(top1, conf1, mean, top2=None, routed=None, reap=None) -> LayerCounts:
     top1 = np.array(top1, dtype=np.int64)
     tokens = int(top1.sum())
     return LayerCounts(
@@ -28,6 +28,8 @@ def counts(top1, conf1, mean, top2=None) -> LayerCounts:
         prob_first_sum=np.round(np.array(conf1) * top1 * PROB_SCALE).astype(np.int64),
         prob_second_sum=np.zeros(len(top1), dtype=np.int64),
         rank_sum=np.zeros(len(top1), dtype=np.int64),
+        routed=np.array(routed if routed is not None else top1, dtype=np.int64),
+        reap_sum=np.round(np.array(reap if reap is not None else np.zeros(len(top1))) * REAP_SCALE).astype(np.int64),
     )
 
 
@@ -48,6 +50,11 @@ def test_metrics_follow_the_paper_and_are_normalised():
     # importance prefers the confident expert 1 over the merely frequent expert 0
     assert np.argmax(metric_values(LAYER, "importance")) == 0
     assert metric_values(LAYER, "vanilla_importance")[1] > metric_values(LAYER, "vanilla_importance")[0]
+
+
+def test_reap_is_the_mean_weighted_output_norm_of_the_tokens_an_expert_ran_on():
+    layer = counts(top1=[2, 2, 0], conf1=[0.5, 0.5, 0], mean=[0.3, 0.3, 0.4], routed=[4, 2, 0], reap=[8.0, 6.0, 0.0])
+    np.testing.assert_allclose(metric_values(layer, "reap"), [2.0, 3.0, 0.0] / np.float64(5.0))
 
 
 def test_random_metric_is_seeded_by_its_text():

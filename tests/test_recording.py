@@ -32,32 +32,39 @@ def sample_for(src, lengths, prev):
 
 
 def gate_inputs(model, run):
-    """Run ``run()`` and return, per MoE layer prefix, the gate logits it computed."""
-    logits, hooks = {}, []
+    """Run ``run()`` and return, per MoE layer prefix, the gate's (inputs, logits)."""
+    seen, hooks = {}, []
     for name, module in model.named_modules():
         if name.endswith("moe_layer.gate.wg"):
             prefix = name[: -len(".gate.wg")]
-            hooks.append(module.register_forward_hook(lambda m, i, out, p=prefix: logits.setdefault(p, []).append(out)))
+            hooks.append(module.register_forward_hook(
+                lambda m, inputs, out, p=prefix: seen.setdefault(p, []).append((inputs[0], out))))
     try:
         with torch.no_grad():
             run()
     finally:
         for hook in hooks:
             hook.remove()
-    return {prefix: torch.cat(outs) for prefix, outs in logits.items()}
+    return {prefix: tuple(torch.cat(part) for part in zip(*calls)) for prefix, calls in seen.items()}
 
 
-def brute_force_counts(logits: torch.Tensor, padding: torch.Tensor):
+def brute_force_counts(layer, inputs: torch.Tensor, logits: torch.Tensor, padding: torch.Tensor):
     """Count like methods.md says, one token at a time, over real tokens only."""
     probs = torch.softmax(logits.float(), dim=1).numpy()
     num_experts = probs.shape[1]
     counts = {name: np.zeros(num_experts, dtype=np.int64) for name in stats.COUNT_FIELDS}
+    reap = np.zeros(num_experts)
     tokens = 0
-    for p, is_pad in zip(probs, padding.tolist()):
+    for x, p, is_pad in zip(inputs, probs, padding.tolist()):
         if is_pad:
             continue
         tokens += 1
         order = sorted(range(num_experts), key=lambda e: (-p[e], e))
+        weights = np.array([p[order[0]], p[order[1]]]) / (p[order[0]] + p[order[1]])
+        for expert, weight in zip(order[:2], weights):
+            counts["routed"][expert] += 1
+            with torch.no_grad():
+                reap[expert] += weight * float(layer.experts[expert](x).norm())
         fixed = np.round(p.astype(np.float64) * PROB_SCALE).astype(np.int64)
         counts["top1"][order[0]] += 1
         counts["top2"][order[0]] += 1
@@ -67,14 +74,17 @@ def brute_force_counts(logits: torch.Tensor, padding: torch.Tensor):
         counts["prob_second_sum"][order[1]] += fixed[order[1]]
         for rank, expert in enumerate(order):
             counts["rank_sum"][expert] += rank
-    return tokens, counts
+    return tokens, counts, reap
 
 
 def assert_layer_equal(recorded: stats.LayerCounts, expected):
-    tokens, counts = expected
+    tokens, counts, reap = expected
     assert recorded.tokens == tokens
     for name in stats.COUNT_FIELDS:
-        np.testing.assert_array_equal(getattr(recorded, name), counts[name], err_msg=name)
+        if name != "reap_sum":
+            np.testing.assert_array_equal(getattr(recorded, name), counts[name], err_msg=name)
+    # expert outputs of a batch and of one token differ in the last float bits
+    np.testing.assert_allclose(recorded.reap_sum / stats.REAP_SCALE, reap, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("decoder_tokens", ["hypothesis", "reference"])
@@ -102,11 +112,11 @@ def test_recorded_counts_equal_a_brute_force_recount(tmp_path, decoder_tokens):
         encoder_out = model.encoder(src, src_lengths=lengths)
         model.decoder(prev, encoder_out=encoder_out, features_only=True)
 
-    logits = gate_inputs(model, plain_forward)
-    assert_layer_equal(recorded.layers["encoder.layers.1.moe_layer"],
-                       brute_force_counts(logits["encoder.layers.1.moe_layer"], src.eq(PAD).reshape(-1)))
-    assert_layer_equal(recorded.layers["decoder.layers.1.moe_layer"],
-                       brute_force_counts(logits["decoder.layers.1.moe_layer"], prev.eq(PAD).reshape(-1)))
+    gates = gate_inputs(model, plain_forward)
+    for side, tokens in (("encoder", src), ("decoder", prev)):
+        prefix = f"{side}.layers.1.moe_layer"
+        layer = model.get_submodule(prefix)
+        assert_layer_equal(recorded.layers[prefix], brute_force_counts(layer, *gates[prefix], tokens.eq(PAD).reshape(-1)))
     assert recorded.layers["encoder.layers.1.moe_layer"].tokens == int(src.ne(PAD).sum())
 
 
@@ -118,7 +128,6 @@ def test_merging_two_halves_gives_the_bytes_of_one_run(tmp_path):
         for src, lengths, prev in chosen:
             task.inference_step(generator, [model], sample_for(src, lengths, prev))
         stats.save(task.recorder.snapshot(), str(tmp_path / f"{name}.json"))
-        task.recorder.detach()
         paths.append(tmp_path / f"{name}.json")
     merged = stats.merge([stats.load(str(paths[1])), stats.load(str(paths[2]))])
     stats.save(merged, str(tmp_path / "merged.json"))

@@ -6,7 +6,7 @@ Parameter names match NLLB's checkpoints: ``gate.wg.weight`` and ``experts.{j}.f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -75,8 +75,18 @@ class Expert(nn.Module):
         return self.fc2(self.activation_dropout(self.activation_fn(self.fc1(x))))
 
 
-# Called after every forward with (layer, routing, padding_mask); used to record gate decisions.
-RoutingObserver = Callable[["MoELayer", Routing, Optional[Tensor]], None]
+@dataclass
+class Dispatch:
+    """The (token, expert) pairs that actually ran, grouped by expert."""
+
+    token_ids: Tensor  # (N,) index of the token in the flat batch
+    experts: Tensor  # (N,) expert id, ascending
+    weights: Tensor  # (N,) combine weight
+    output_norms: Optional[Tensor] = None  # (N,) L2 norm of the expert's output, when asked for
+
+
+# Called after every forward with (layer, routing, padding_mask, dispatch); used to record decisions.
+RoutingObserver = Callable[["MoELayer", Routing, Optional[Tensor], Dispatch], None]
 
 
 class MoELayer(nn.Module):
@@ -118,11 +128,12 @@ class MoELayer(nn.Module):
         gate_padding = flat_padding if self.gate.options.use_pad_mask else None
         routing = self.gate(tokens, gate_padding)
         self.l_aux = routing.l_aux
+        combined, dispatch = self.dispatch_and_combine(tokens, routing, with_norms=self.observer is not None)
         if self.observer is not None:
-            self.observer(self, routing, flat_padding)
-        return self.dispatch_and_combine(tokens, routing).reshape(batch, time, dim)
+            self.observer(self, routing, flat_padding, dispatch)
+        return combined.reshape(batch, time, dim)
 
-    def dispatch_and_combine(self, tokens: Tensor, routing: Routing) -> Tensor:
+    def dispatch_and_combine(self, tokens: Tensor, routing: Routing, with_norms: bool = False) -> Tuple[Tensor, Dispatch]:
         """Run each expert once on the tokens routed to it and add up the weighted outputs."""
         top_k = routing.experts.shape[1]
         weights = routing.weights.reshape(-1)
@@ -136,6 +147,7 @@ class MoELayer(nn.Module):
         counts = torch.bincount(experts, minlength=self.num_experts).tolist()
         chunks = tokens[token_ids].split(counts)
         outputs = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])
+        dispatch = Dispatch(token_ids, experts, weights, outputs.float().norm(dim=1) if with_norms else None)
 
         if self.eom > 0:
             if self.training:
@@ -145,4 +157,4 @@ class MoELayer(nn.Module):
                 outputs = outputs * (1 - self.eom)
         combined = torch.zeros_like(tokens)
         combined.index_add_(0, token_ids, outputs * weights[:, None])
-        return combined
+        return combined, dispatch

@@ -64,7 +64,7 @@ def test_eom_masks_whole_expert_outputs_in_training_without_rescaling():
 def test_padding_mask_reaches_the_gate_only_with_use_pad_mask():
     seen = []
     layer = make_layer(options=GateOptions(second_expert_policy="all", use_pad_mask=True)).eval()
-    layer.observer = lambda _layer, routing, padding: seen.append(routing)
+    layer.observer = lambda _layer, routing, padding, dispatch: seen.append(routing)
     x = torch.randn(2, 3, 8)
     padding = torch.tensor([[False, False, True], [False, True, True]])
     out = layer(x, padding)
