@@ -90,17 +90,19 @@ class Recorder:
         self.layers: List[MoELayer] = [model.get_submodule(spec.prefix) for spec in self.specs]
         self.fingerprint = model_fingerprint(model)
         self.settings = settings
-        self.pending: Optional[List[List[Tensor]]] = None
-        self.committed: Dict[str, List[List[Tensor]]] = {}
+        # per layer index: [tokens, *COUNT_FIELDS] tensors on the device
+        self.pending: Dict[int, List[Tensor]] = {}
+        self.committed: Dict[str, Dict[int, List[Tensor]]] = {}
         self.sentences: Dict[str, int] = {}
 
     def _observer(self, index: int):
         def observe(layer: MoELayer, routing: Routing, padding: Optional[Tensor], dispatch: Dispatch) -> None:
             counts = routing_counts(routing, padding, dispatch)
-            if self.pending is None:
-                self.pending = [[torch.zeros_like(c) for c in counts] for _ in self.layers]
-            for total, count in zip(self.pending[index], counts):
-                total += count
+            if index in self.pending:
+                for total, count in zip(self.pending[index], counts):
+                    total += count
+            else:
+                self.pending[index] = counts
 
         return observe
 
@@ -121,29 +123,31 @@ class Recorder:
 
     def commit(self, pair: str, sentences: int) -> None:
         """The batch is complete: add its staged counts to ``pair``'s totals (still on the device)."""
-        if self.pending is not None:
-            if pair in self.committed:
-                for totals, batch in zip(self.committed[pair], self.pending):
-                    for total, count in zip(totals, batch):
-                        total += count
+        committed = self.committed.setdefault(pair, {})
+        for index, batch in self.pending.items():
+            if index in committed:
+                for total, count in zip(committed[index], batch):
+                    total += count
             else:
-                self.committed[pair] = self.pending
-        self.pending = None
+                committed[index] = batch
+        self.pending = {}
         self.sentences[pair] = self.sentences.get(pair, 0) + sentences
 
     def discard(self) -> None:
         """Forget an unfinished batch."""
-        self.pending = None
+        self.pending = {}
 
     def snapshot(self) -> MoEStats:
         """The committed counts as a statistics object (this copies them to the host)."""
         stats = MoEStats(self.fingerprint, dict(self.settings), {})
         for pair, sentences in self.sentences.items():
             layers = {}
-            for spec, totals in zip(self.specs, self.committed.get(pair, [])):
-                host = [t.cpu().numpy().astype(np.int64) for t in totals]
-                layers[spec.prefix] = LayerCounts(int(host[0]), *host[1:])
-            for spec in self.specs:
-                layers.setdefault(spec.prefix, LayerCounts.zeros(spec.num_experts))
+            committed = self.committed.get(pair, {})
+            for index, spec in enumerate(self.specs):
+                if index in committed:
+                    host = [t.cpu().numpy().astype(np.int64) for t in committed[index]]
+                    layers[spec.prefix] = LayerCounts(int(host[0]), *host[1:])
+                else:
+                    layers[spec.prefix] = LayerCounts.zeros(spec.num_experts)
             stats.pairs[pair] = PairStats(int(sentences), layers)
         return stats

@@ -120,6 +120,14 @@ def test_recorded_counts_equal_a_brute_force_recount(tmp_path, decoder_tokens):
     assert recorded.layers["encoder.layers.1.moe_layer"].tokens == int(src.ne(PAD).sum())
 
 
+def test_models_with_uneven_layers_are_recorded(tmp_path):
+    task, model, generator = recording_task(tmp_path, "--encoder-moe-expert-counts", "5", "--decoder-moe-expert-counts", "3")
+    task.inference_step(generator, [model], sample_for(*random_batch()))
+    layers = task.recorder.snapshot().pairs["src-tgt"].layers
+    assert [layers[p].num_experts for p in ("encoder.layers.1.moe_layer", "decoder.layers.1.moe_layer")] == [5, 3]
+    assert layers["decoder.layers.1.moe_layer"].top1.sum() == layers["decoder.layers.1.moe_layer"].tokens > 0
+
+
 def test_merging_two_halves_gives_the_bytes_of_one_run(tmp_path):
     batches = [random_batch(num_sentences=3, seed=seed) for seed in (1, 2, 3, 4)]
     paths = []
