@@ -181,8 +181,8 @@ def prune(checkpoint_path: str, out_dir: str, options: PruneOptions, stats_path:
     """Write one pruned checkpoint per target into ``out_dir`` (created whole, or not at all)."""
     if os.path.exists(out_dir) and not force:
         raise StatsError(f"{out_dir} exists (use --force to replace it)")
-    stats = stats_lib.load(stats_path) if stats_path else None
     checkpoint = open_checkpoint(checkpoint_path)
+    stats = stats_lib.load(stats_path) if stats_path else None
     if stats is not None:
         check_stats_match(stats, checkpoint)
     imported = read_experts_json(experts_json_in, checkpoint.specs) if experts_json_in else None

@@ -17,7 +17,7 @@ import numpy as np
 from fairseq_moe_prune.files import atomic_open
 
 FORMAT = "fairseq-moe-prune/stats"
-VERSION = 1
+VERSION = 2  # 2 added routed / reap_sum (REAP saliency)
 PROB_SCALE = 2**32  # probabilities are summed as round(p * PROB_SCALE)
 REAP_SCALE = 2**20  # gate weight * expert output norm, summed as round(v * REAP_SCALE)
 
@@ -129,7 +129,8 @@ class MoEStats:
         if data.get("format") != FORMAT:
             raise StatsError("not a fairseq-moe-prune statistics file")
         if data.get("version") != VERSION or data.get("prob_scale") != PROB_SCALE or data.get("reap_scale") != REAP_SCALE:
-            raise StatsError(f"statistics format version {data.get('version')} is not supported (need {VERSION})")
+            raise StatsError(f"statistics format version {data.get('version')} is not supported (need {VERSION}); "
+                             "record them again with this version")
         pairs = {
             pair: PairStats(
                 int(entry["sentences"]),
