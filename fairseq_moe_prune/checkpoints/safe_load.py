@@ -29,6 +29,12 @@ class UnsafeCheckpointError(CheckpointError):
     """The checkpoint pickles objects outside the allowlist (it could run code when loaded)."""
 
 
+def first_line(error: BaseException) -> str:
+    """torch's loading errors run to many lines; the user gets the first (or the error's type)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def install_allowlist() -> None:
     torch.serialization.add_safe_globals(SAFE_GLOBALS)
 
@@ -61,13 +67,11 @@ def load_checkpoint(path: str, mmap: bool = True) -> Dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "unpickling failed"
-        raise UnsafeCheckpointError(f"{path}: refusing to load: {first_line}") from None
+        raise UnsafeCheckpointError(f"{path}: refusing to load: {first_line(error)}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
         if mmap and "mmap" in str(error) and not zipfile.is_zipfile(path):
             return load_checkpoint(path, mmap=False)  # the pre-1.6 format cannot be memory-mapped
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({first_line})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({first_line(error)})") from None
 
 
 def guard_fairseq_loading() -> None:
@@ -92,8 +96,7 @@ def guard_fairseq_loading() -> None:
         try:
             return original(path, *args, **kwargs)
         except pickle.UnpicklingError as error:
-            first_line = str(error).strip().splitlines()[0]
-            raise SystemExit(f"error: {path}: refusing to load: {first_line}") from None
+            raise SystemExit(f"error: {path}: refusing to load: {first_line(error)}") from None
 
     load_checkpoint_to_cpu._moe_prune_guarded = True  # type: ignore[attr-defined]
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
