@@ -19,6 +19,6 @@ setup(
         "omegaconf",
         "numpy>=1.21.3",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest"], "examples": ["matplotlib"]},
     entry_points={"console_scripts": ["fairseq-moe-prune = fairseq_moe_prune.cli:main"]},
 )

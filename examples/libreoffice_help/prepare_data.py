@@ -523,11 +523,23 @@ def stage_spm(langs: list[str], out: Path, args: argparse.Namespace) -> None:
 
 
 def fairseq_preprocess(args_: list[str]) -> None:
-    """Run the fairseq-preprocess console script with a one-line error on failure."""
-    exe = shutil.which("fairseq-preprocess")
-    if exe is None:
-        raise die("fairseq-preprocess not found on PATH (is fairseq installed?)")
-    run_cmd([exe, *args_])
+    """Run fairseq-preprocess in this process: importing fairseq once, not once per pair, saves
+    about 6 s per call. Its log handler is removed again so later calls do not log twice."""
+    import logging
+
+    from fairseq import options
+    from fairseq_cli import preprocess
+
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    try:
+        preprocess.main(options.get_preprocessing_parser().parse_args(args_))
+    except (OSError, AssertionError) as error:
+        raise die(f"fairseq-preprocess {' '.join(args_[:4])} ...: {error}")
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+            handler.close()
 
 
 def build_joined_dict(out: Path, langs: list[str], workers: int) -> Path:
@@ -557,38 +569,43 @@ def build_joined_dict(out: Path, langs: list[str], workers: int) -> Path:
     return dict_path
 
 
-def binarized(out: Path, src: str, tgt: str) -> bool:
-    """True when every split of one direction has been binarized."""
+def binarized(out: Path, lang: str) -> bool:
+    """True when every split of the pair eng_Latn-X has been binarized."""
     return all(
-        (out / "bin" / f"{s}.{src}-{tgt}.{side}.idx").exists() for s in SPLITS for side in (src, tgt)
+        (out / "bin" / f"{s}.{pair_name(lang)}.{side}.idx").exists() for s in SPLITS for side in (ENGLISH, lang)
     )
 
 
 def stage_binarize(langs: list[str], out: Path, args: argparse.Namespace) -> None:
-    """Binarize eng_Latn->X and X->eng_Latn for every X with the one shared dictionary."""
+    """Binarize every pair eng_Latn-X once with the shared dictionary. fairseq's translation
+    tasks read the files of eng_Latn-X for the direction X->eng_Latn too, so both directions
+    are served without a second copy."""
     bin_dir = out / "bin"
     dict_path = bin_dir / "dict.txt"
     if args.force or not dict_path.exists():
         dict_path = build_joined_dict(out, langs, args.workers)
         log(f"binarize: dictionary {dict_path} ({len(read_lines(dict_path))} entries)")
     for lang in langs:
-        for src, tgt in ((ENGLISH, lang), (lang, ENGLISH)):
-            if binarized(out, src, tgt) and not args.force:
-                continue
-            prefix = out / "spm"
-            pair = pair_name(lang)  # encoded files are always named eng_Latn-X
+        if binarized(out, lang) and not args.force:
+            continue
+        prefix = out / "spm"
+        pair = pair_name(lang)
+        with tempfile.TemporaryDirectory(dir=out) as tmp:  # no half-written binaries in bin/
             fairseq_preprocess(
                 [
-                    "--source-lang", src, "--target-lang", tgt,
+                    "--source-lang", ENGLISH, "--target-lang", lang,
                     "--trainpref", str(prefix / f"train.{pair}"),
                     "--validpref", str(prefix / f"valid.{pair}"),
                     "--testpref", str(prefix / f"test.{pair}"),
-                    "--destdir", str(bin_dir),
+                    "--destdir", tmp,
                     "--srcdict", str(dict_path), "--tgtdict", str(dict_path),
                     "--workers", str(args.workers),
                 ]
             )
-            log(f"binarize: {src}-{tgt}")
+            for name in sorted(os.listdir(tmp)):
+                if name.endswith((".bin", ".idx")):
+                    os.replace(Path(tmp) / name, bin_dir / name)
+        log(f"binarize: {pair}")
     # translation_multi_simple_epoch loads dict.<lang>.txt for every language.
     for lang in [ENGLISH, *langs]:
         shutil.copyfile(dict_path, bin_dir / f"dict.{lang}.txt")

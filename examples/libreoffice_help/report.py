@@ -1,0 +1,212 @@
+"""The sweep's report: a markdown summary and PNG plots, from sweep.json and the statistics file.
+
+Plots: quality vs share of experts pruned (one line per method), model size vs quality, and the
+expert-usage heatmaps (languages x experts) of one encoder and one decoder MoE layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fairseq_moe_prune import stats as stats_lib  # noqa: E402
+from fairseq_moe_prune.files import atomic_open  # noqa: E402
+
+BEST = "importance per language"
+
+
+def mean(run: dict, key: str) -> float:
+    return float(np.mean([s[key] for s in run["directions"].values()]))
+
+
+def methods(results: Dict[str, dict]) -> List[str]:
+    return list(dict.fromkeys(run["method"] for name, run in results.items() if name != "full"))
+
+
+def runs_of(results: Dict[str, dict], method: str) -> List[dict]:
+    return sorted((run for name, run in results.items() if name != "full" and run["method"] == method),
+                  key=lambda run: run["level"])
+
+
+def finish_chrf_plot(figure, ax, xlabel: str, title: str, path: Path) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("chrF++ (mean over directions, test)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(figure, path)
+
+
+def save_figure(figure, path: Path) -> None:
+    with atomic_open(str(path), "wb") as f:
+        figure.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+
+
+def plot_quality(results: Dict[str, dict], path: Path) -> None:
+    figure, ax = plt.subplots(figsize=(6.4, 4.2))
+    full = mean(results["full"], "chrf++")
+    for method in methods(results):
+        runs = runs_of(results, method)
+        ax.plot([0] + [100 * r["pruned_fraction"] for r in runs], [full] + [mean(r, "chrf++") for r in runs],
+                marker="o", label=method)
+    ax.axhline(full, color="grey", linestyle="--", linewidth=1, label="full model")
+    finish_chrf_plot(figure, ax, "% of experts pruned", "Quality vs pruning", path)
+
+
+def plot_size(results: Dict[str, dict], path: Path) -> None:
+    figure, ax = plt.subplots(figsize=(6.4, 4.2))
+    full = results["full"]
+    ax.scatter([mean(full, "parameters") / 1e6], [mean(full, "chrf++")], marker="*", s=150, color="black",
+               label="full model", zorder=3)
+    for method in methods(results):
+        runs = runs_of(results, method)
+        ax.plot([mean(r, "parameters") / 1e6 for r in runs], [mean(r, "chrf++") for r in runs], marker="o",
+                label=method)
+    finish_chrf_plot(figure, ax, "parameters of the model that translates (millions)", "Model size vs quality", path)
+
+
+def usage(statistics: stats_lib.MoEStats, prefix: str) -> Tuple[List[str], np.ndarray]:
+    """Per language, the share of its tokens whose first choice is each expert of one layer
+    (as a source language for encoder layers, as a target for decoder layers)."""
+    per_language = stats_lib.by_language(statistics)
+    languages = sorted(language for language, layers in per_language.items() if prefix in layers)
+    rows = [per_language[lang][prefix].top1 / max(per_language[lang][prefix].tokens, 1) for lang in languages]
+    return languages, np.array(rows)
+
+
+def specificity(shares: np.ndarray) -> float:
+    """Mean Jensen-Shannon divergence (bits) between each language's expert usage and the average:
+    0 when all languages use the experts alike, 1 when they share none."""
+    def entropy(p: np.ndarray) -> float:
+        p = p[p > 0]
+        return float(-(p * np.log2(p)).sum())
+
+    average = shares.mean(axis=0)
+    return float(np.mean([entropy((row + average) / 2) - (entropy(row) + entropy(average)) / 2 for row in shares]))
+
+
+def plot_heatmaps(statistics: stats_lib.MoEStats, prefixes: List[str], path: Path) -> Dict[str, float]:
+    figure, axes = plt.subplots(len(prefixes), 1, figsize=(8, 2.2 + 2.2 * len(prefixes)))
+    found = {}
+    for ax, prefix in zip(np.atleast_1d(axes), prefixes):
+        languages, shares = usage(statistics, prefix)
+        image = ax.imshow(shares, aspect="auto", cmap="viridis")
+        ax.set_yticks(range(len(languages)), languages, fontsize=8)
+        ax.set_xlabel("expert")
+        side = "source" if prefix.startswith("encoder") else "target"
+        found[prefix] = specificity(shares)
+        ax.set_title(f"{prefix}: share of each {side} language's tokens routed first to each expert "
+                     f"(JS specificity {found[prefix]:.2f})", fontsize=9)
+        figure.colorbar(image, ax=ax, fraction=0.03)
+    figure.tight_layout()
+    save_figure(figure, path)
+    return found
+
+
+def table(results: Dict[str, dict], key: str) -> List[str]:
+    full = mean(results["full"], key)
+    levels = sorted({run["level"] for name, run in results.items() if name != "full"})
+    lines = ["| method | " + " | ".join(f"{level:.0%}" for level in levels) + " |",
+             "|---|" + "---|" * len(levels),
+             f"| full model | {full:.2f} |" + " |" * (len(levels) - 1)]
+    for method in methods(results):
+        by_level = {run["level"]: mean(run, key) for run in runs_of(results, method)}
+        cells = [f"{by_level[level]:.2f} ({by_level[level] - full:+.2f})" if level in by_level else ""
+                 for level in levels]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def run_at(results: Dict[str, dict], method: str, level: float) -> dict | None:
+    return next((run for run in runs_of(results, method) if abs(run["level"] - level) < 1e-9), None)
+
+
+def verdict(results: Dict[str, dict]) -> List[str]:
+    """The issue's targets, checked on the numbers."""
+    full = mean(results["full"], "chrf++")
+    lines = []
+    best75 = run_at(results, BEST, 0.75)
+    if best75 is not None:
+        loss = full - mean(best75, "chrf++")
+        met = "met" if loss <= 0.5 else "NOT met"
+        lines.append(f"- {BEST} at 75%: loses {loss:.2f} chrF++ (target <= 0.5: {met}).")
+    best80 = run_at(results, BEST, 0.8)
+    for other in ("random", "importance global"):
+        run = run_at(results, other, 0.8)
+        if best80 is not None and run is not None:
+            gain = mean(best80, "chrf++") - mean(run, "chrf++")
+            wins = sum(best80["directions"][d]["chrf++"] > run["directions"][d]["chrf++"] for d in run["directions"])
+            lines.append(f"- at 80%, {BEST} vs {other}: {gain:+.2f} chrF++, better in {wins} of "
+                         f"{len(run['directions'])} directions.")
+    return lines
+
+
+def per_direction(results: Dict[str, dict], level: float) -> List[str]:
+    shown = [("full model", results["full"])] + [
+        (method, run) for method in methods(results) if (run := run_at(results, method, level)) is not None]
+    lines = ["| direction | " + " | ".join(name for name, _ in shown) + " |", "|---|" + "---|" * len(shown)]
+    for direction in results["full"]["directions"]:
+        lines.append(f"| {direction} | " + " | ".join(f"{run['directions'][direction]['chrf++']:.2f}"
+                                                      for _, run in shown) + " |")
+    return lines
+
+
+def write_report(work: Path, results: Dict[str, dict], statistics_path: Path, setup: List[str]) -> Path:
+    statistics = stats_lib.load(str(statistics_path))
+    layers = list(next(iter(statistics.pairs.values())).layers)
+    encoder = next(p for p in layers if p.startswith("encoder"))
+    decoder = [p for p in layers if p.startswith("decoder")][-1]
+    plot_quality(results, work / "quality_vs_pruning.png")
+    plot_size(results, work / "size_vs_quality.png")
+    found = plot_heatmaps(statistics, [encoder, decoder], work / "expert_usage.png")
+    full = results["full"]
+    lines = [
+        "# Expert pruning on LibreOffice help: quality vs pruning",
+        "",
+        *setup,
+        "",
+        "## Targets",
+        *verdict(results),
+        "",
+        "## chrF++ (mean over directions; change vs the full model)",
+        *table(results, "chrf++"),
+        "",
+        "## BLEU (mean over directions)",
+        *table(results, "bleu"),
+        "",
+        "![quality vs pruning](quality_vs_pruning.png)",
+        "",
+        "## Model size",
+        f"The full model has {mean(full, 'parameters') / 1e6:.2f} M parameters.",
+        "",
+        "| method | level | experts pruned | parameters (M) |",
+        "|---|---|---|---|",
+        *[f"| {run['method']} | {run['level']:.0%} | {run['pruned_fraction']:.1%} | "
+          f"{mean(run, 'parameters') / 1e6:.2f} |" for method in methods(results) for run in runs_of(results, method)],
+        "",
+        "![size vs quality](size_vs_quality.png)",
+        "",
+        "## Are experts language-specific?",
+        "Share of each language's tokens whose first choice is each expert (dev set statistics). "
+        "JS specificity: mean Jensen-Shannon divergence (bits) of a language's usage from the average; "
+        "0 = all languages use the experts alike.",
+        "",
+        *[f"- {prefix}: {value:.3f}" for prefix, value in found.items()],
+        "",
+        "![expert usage](expert_usage.png)",
+        "",
+        "## chrF++ per direction at 80%",
+        *per_direction(results, 0.8),
+        "",
+    ]
+    path = work / "report.md"
+    with atomic_open(str(path), "w") as f:
+        f.write("\n".join(lines))
+    return path

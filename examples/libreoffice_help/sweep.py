@@ -1,0 +1,165 @@
+"""The pruning sweep: prune the trained MoE with every method at every level, translate, score.
+
+Each (method, level) is one call of the library behind ``fairseq-moe-prune prune``, writing real
+pruned checkpoints (one per direction for per-language methods, one for global ones). Each
+checkpoint is then loaded by fairseq's own loader and translates the test set of its directions
+with fairseq-generate's steps in this process (``fairseq_moe_prune.evaluation``), so fairseq is
+imported once rather than once per (checkpoint, direction). Scores go to ``sweep.json`` after every
+run, so an interrupted sweep continues where it stopped; checkpoints are deleted once scored
+(their ``manifest.json`` and ``experts.json`` stay).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import sacrebleu
+import torch
+
+from fairseq_moe_prune.evaluation import Translation, Translator
+from fairseq_moe_prune.files import atomic_open
+from fairseq_moe_prune.pruning import PruneOptions, prune
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    metric: str
+    granularity: str  # "language": source-language encoder experts + target-language decoder experts
+
+
+METHODS = (
+    Method("importance per language", "importance", "language"),
+    Method("activity per language", "activity", "language"),
+    Method("importance global", "importance", "global"),
+    Method("random", "random", "global"),
+)
+LEVELS = (0.25, 0.5, 0.75, 0.8, 0.9)
+
+
+def bleu_tokenizer(language: str) -> str:
+    """sacrebleu's 13a splits on spaces, which Chinese and Japanese do not use."""
+    return {"zho": "zh", "jpn": "char"}.get(language.split("_")[0], "13a")
+
+
+def score(hypotheses: List[str], references: List[str], target: str) -> Dict[str, float]:
+    if len(hypotheses) != len(references):
+        raise SystemExit(f"error: {len(hypotheses)} hypotheses for {len(references)} references")
+    return {
+        "chrf++": round(sacrebleu.corpus_chrf(hypotheses, [references], word_order=2).score, 2),
+        "bleu": round(sacrebleu.corpus_bleu(hypotheses, [references], tokenize=bleu_tokenizer(target)).score, 2),
+    }
+
+
+def run_name(method: Method, level: float) -> str:
+    return f"{method.metric}-{method.granularity}-{round(level * 100)}"
+
+
+def quiet() -> None:
+    """fairseq, hydra and matplotlib log at length (fairseq sets the root logger to INFO, hydra to
+    DEBUG); the sweep prints its own progress."""
+    logging.getLogger().setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+_translator: Optional[Translator] = None  # one per worker process
+
+
+def start_worker(generate_args: Sequence[str]) -> None:
+    """Small models translate faster on one thread per process than on two threads in one."""
+    global _translator
+    torch.set_num_threads(1)
+    quiet()
+    _translator = Translator(generate_args)
+
+
+def translate(checkpoint: str, direction: str) -> Translation:
+    assert _translator is not None, "start_worker runs first in every worker"
+    source, target = direction.split("-")
+    return _translator.translate(checkpoint, source, target)
+
+
+class Sweep:
+    """Holds the results file and fills it run by run; ``workers`` processes translate side by side."""
+
+    def __init__(self, work: Path, checkpoint: Path, statistics: Path, generate_args: Sequence[str],
+                 directions: Sequence[str], references: Callable[[str], List[str]], ratio: str,
+                 log: Callable[[str], None], workers: int = 2):
+        self.work, self.checkpoint, self.statistics = work, checkpoint, statistics
+        self.directions, self.references, self.ratio, self.log = list(directions), references, ratio, log
+        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=start_worker, initargs=(list(generate_args),))
+        self.results_path = work / "sweep.json"
+        self.results: Dict[str, dict] = (
+            json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
+        )
+
+    def save(self) -> None:
+        with atomic_open(str(self.results_path), "w") as f:
+            f.write(json.dumps(self.results, indent=1, sort_keys=True) + "\n")
+
+    def evaluate(self, checkpoints: Dict[str, Path]) -> Dict[str, Dict[str, float]]:
+        """Scores of each direction's checkpoint on that direction's test set."""
+        jobs = {d: self.pool.submit(translate, str(checkpoints[d]), d) for d in self.directions}
+        scores = {}
+        for direction, job in jobs.items():
+            translation = job.result()
+            target = direction.split("-")[1]
+            scores[direction] = {**score(translation.hypotheses, self.references(direction), target),
+                                 "sentences": translation.sentences, "parameters": translation.parameters,
+                                 "seconds": round(translation.seconds, 2)}
+        return scores
+
+    def run_full(self) -> None:
+        if "full" in self.results:
+            return
+        start = time.monotonic()
+        scores = self.evaluate({d: self.checkpoint for d in self.directions})
+        self.results["full"] = {"method": "full model", "level": 0.0, "pruned_fraction": 0.0, "directions": scores}
+        self.save()
+        self.log(f"full model: chrF++ {mean(scores, 'chrf++'):.2f} ({time.monotonic() - start:.0f} s)")
+
+    def run_pruned(self, method: Method, level: float) -> None:
+        name = run_name(method, level)
+        if name in self.results:
+            return
+        start = time.monotonic()
+        out = self.work / name
+        options = PruneOptions(metric=method.metric, granularity=method.granularity, prune_fraction=level,
+                               ratio=self.ratio, directions=self.directions if method.granularity != "global" else None)
+        manifest = prune(str(self.checkpoint), str(out), options, stats_path=str(self.statistics), force=True)
+        outputs = manifest["outputs"]
+        scores = self.evaluate({d: out / outputs[d if d in outputs else "global"]["files"][0]
+                                for d in self.directions})
+        first = next(iter(outputs.values()))
+        self.results[name] = {"method": method.name, "level": level, "pruned_fraction": first["pruned_fraction"],
+                              "kept_experts": first["kept_experts"], "directions": scores}
+        self.save()
+        for output in outputs.values():
+            for file in output["files"]:
+                os.unlink(out / file)
+        self.log(f"{method.name} {level:.0%} ({first['pruned_fraction']:.1%} of experts pruned): "
+                 f"chrF++ {mean(scores, 'chrf++'):.2f} ({time.monotonic() - start:.0f} s)")
+
+    def run(self, methods: Sequence[Method] = METHODS, levels: Sequence[float] = LEVELS) -> Dict[str, dict]:
+        try:
+            self.run_full()
+            for level in levels:
+                for method in methods:
+                    self.run_pruned(method, level)
+        finally:
+            self.pool.shutdown(cancel_futures=True)
+        return self.results
+
+
+def mean(scores: Dict[str, Dict[str, float]], key: str) -> float:
+    return sum(s[key] for s in scores.values()) / len(scores)

@@ -1,0 +1,30 @@
+"""The in-process translator gives fairseq-generate's output, sentence for sentence."""
+
+import re
+
+import pytest
+
+from fairseq_moe_prune.evaluation import Translator
+from tests.conftest import TEST_SENTENCES, multilingual_args, run_cli
+
+GENERATE = ["--gen-subset", "test", "--beam", "3", "--max-tokens", "400", "--max-len-b", "20",
+            "--remove-bpe", "sentencepiece", "--seed", "1"]
+
+
+@pytest.mark.slow
+def test_translator_matches_fairseq_generate(corpus, trained):
+    result = run_cli(["fairseq-generate", *multilingual_args(corpus), "--path", str(trained),
+                      "--source-lang", "deu_Latn", "--target-lang", "eng_Latn",
+                      "--required-batch-size-multiple", "1", *GENERATE])
+    expected = {int(m.group(1)): m.group(2) for m in re.finditer(r"^D-(\d+)\t[^\t]*\t(.*)$", result.stdout, re.M)}
+    assert len(expected) == TEST_SENTENCES
+
+    translator = Translator([*multilingual_args(corpus), *GENERATE])
+    first = translator.translate(str(trained), "deu_Latn", "eng_Latn")
+    assert first.hypotheses == [expected[i] for i in range(TEST_SENTENCES)]
+    assert first.parameters == sum(p.numel() for p in translator.load(str(trained), "deu_Latn", "eng_Latn").parameters())
+
+    # Another direction in between must leave the first one's task as it was (fairseq's own
+    # post-processing adds every unseen output word to the target dictionary).
+    translator.translate(str(trained), "eng_Latn", "fra_Latn")
+    assert translator.translate(str(trained), "deu_Latn", "eng_Latn").hypotheses == first.hypotheses

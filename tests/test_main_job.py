@@ -1,0 +1,45 @@
+"""README's main command, shrunk to CI's preset: data -> train -> record -> sweep -> report."""
+
+import json
+import sys
+
+import pytest
+
+from fairseq_moe_prune import stats
+from tests.conftest import PAIRS, REPO, run_cli
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_main_job_ci_preset(tmp_path):
+    work = tmp_path / "work"
+    result = run_cli([sys.executable, str(REPO / "examples/libreoffice_help/run.py"), "--preset", "ci",
+                      "--work", str(work)])
+    assert "5/5 report" in result.stdout
+
+    recorded = stats.load(str(work / "stats.json"))
+    assert sorted(recorded.pairs) == sorted(PAIRS)
+    assert all(pair.sentences == 20 for pair in recorded.pairs.values())  # every dev sentence
+
+    sweep = work / "sweep"
+    results = json.loads((sweep / "sweep.json").read_text())
+    assert len(results) == 1 + 4 * 5  # the full model, then 4 methods x 5 levels
+    for run in results.values():
+        assert sorted(run["directions"]) == sorted(PAIRS)
+        assert all(scores["sentences"] == 20 for scores in run["directions"].values())
+    # the pruned models that translated really are smaller, by the planned share of experts
+    parameters = {name: run["directions"]["eng_Latn-deu_Latn"]["parameters"] for name, run in results.items()}
+    assert parameters["full"] > parameters["importance-language-25"] > parameters["importance-language-90"]
+    assert parameters["random-global-75"] == parameters["importance-language-75"]
+    assert results["importance-language-80"]["pruned_fraction"] == pytest.approx(0.8125)
+    # per-language expert sets were written in the NLLB paper's format; checkpoints were cleaned up
+    experts = json.loads((sweep / "importance-language-75" / "experts.json").read_text())
+    assert sorted(experts) == ["deu_Latn", "eng_Latn", "fra_Latn"]
+    assert not list(sweep.rglob("*.pt"))
+
+    report = (sweep / "report.md").read_text()
+    for heading in ("## Targets", "## chrF++", "## BLEU", "## Model size", "## Are experts language-specific?"):
+        assert heading in report
+    for name in ("quality_vs_pruning.png", "size_vs_quality.png", "expert_usage.png"):
+        assert (sweep / name).read_bytes().startswith(PNG)
