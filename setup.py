@@ -19,6 +19,13 @@ setup(
         "omegaconf",
         "numpy>=1.21.3",
     ],
-    extras_require={"test": ["pytest"], "examples": ["matplotlib"]},
+    extras_require={
+        "test": ["pytest"],
+        # conversion to and from Hugging Face's NllbMoe; transformers 5.x routes NllbMoe tokens to the
+        # wrong experts (see fairseq_moe_prune/checkpoints/hf.py)
+        "hf": ["transformers>=4.30,<5", "safetensors"],
+        # the main job's report plots (examples/libreoffice_help)
+        "examples": ["matplotlib"],
+    },
     entry_points={"console_scripts": ["fairseq-moe-prune = fairseq_moe_prune.cli:main"]},
 )

@@ -61,6 +61,15 @@ def cmd_prune(args: argparse.Namespace) -> None:
               f"({output['pruned_fraction'] * 100:.1f}% pruned)")
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    """Convert a checkpoint between NLLB's sharded layout, one fairseq file and Hugging Face's NllbMoe."""
+    from fairseq_moe_prune.checkpoints.convert import convert
+
+    paths = convert(args.input, args.output, args.to, source_format=args.source_format, fp16=args.fp16,
+                    force=args.force, max_shard_size=args.max_shard_size)
+    print(f"wrote {args.output}" + (f" ({len(paths)} files)" if len(paths) > 1 else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fairseq-moe-prune", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--seed", type=int, default=0, help="seed of the random metric")
     prune.add_argument("--force", action="store_true", help="replace --out if it exists")
     prune.set_defaults(run=cmd_prune)
+
+    formats = ["sharded", "single", "hf"]
+    convert = commands.add_parser("convert", help=cmd_convert.__doc__, description=cmd_convert.__doc__)
+    convert.add_argument("input", metavar="IN", help="X-shared.pt (sharded), a .pt file (single) or an HF model folder")
+    convert.add_argument("output", metavar="OUT", help="a file (--to single) or a folder to create (sharded, hf)")
+    convert.add_argument("--from", dest="source_format", choices=formats, help="format of IN (default: detected)")
+    convert.add_argument("--to", required=True, choices=formats)
+    convert.add_argument("--fp16", action="store_true", help="store weights in half precision")
+    convert.add_argument("--max-shard-size", default="5GB", help="largest safetensors file for --to hf (default 5GB)")
+    convert.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    convert.set_defaults(run=cmd_convert)
     return parser
 
 

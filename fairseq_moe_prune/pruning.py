@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
 
@@ -19,11 +17,10 @@ from fairseq_moe_prune import stats as stats_lib
 from fairseq_moe_prune.checkpoints.layouts import MoECheckpoint, open_checkpoint
 from fairseq_moe_prune.checkpoints.surgery import (
     prune_checkpoint,
-    publish_directory,
     save_sharded,
     save_single,
+    staged_directory,
 )
-from fairseq_moe_prune.files import umask
 from fairseq_moe_prune.models.layout import MoELayerSpec
 from fairseq_moe_prune.ranking import (
     Budget,
@@ -190,18 +187,8 @@ def prune(checkpoint_path: str, out_dir: str, options: PruneOptions, stats_path:
         raise SelectionError("give --stats or --experts-json")
     outputs, per_language = plan(stats, checkpoint.specs, options, imported)
 
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=".staging-")
-    os.chmod(staging, 0o777 & ~umask())  # mkdtemp makes 0700
-    try:
-        manifest = write_outputs(checkpoint, outputs, per_language, staging, options, stats_path, experts_json_in)
-        publish_directory(staging, out_dir, force)
-    except BaseException:
-        if os.path.exists(staging):
-            shutil.rmtree(staging)
-        raise
-    return manifest
+    with staged_directory(out_dir, force) as staging:
+        return write_outputs(checkpoint, outputs, per_language, staging, options, stats_path, experts_json_in)
 
 
 def write_outputs(checkpoint: MoECheckpoint, outputs: Mapping[str, Choice], per_language: Mapping[str, Choice],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from fairseq import options, tasks
@@ -77,3 +77,51 @@ def logits(model, batch: Sequence[torch.Tensor]) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(*batch)[0]
+
+
+def randomize(model: torch.nn.Module, seed: int, std: float = 0.2) -> None:
+    """Weights of order ``std`` and layer norms around 1, so that logits are of order 1.
+
+    Default initialisations (std 0.02) give near-zero logits and near-uniform gates, which would
+    make a comparison between two implementations vacuous.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            mean = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+            parameter.copy_(mean + std * torch.randn(parameter.shape, generator=generator))
+
+
+def tiny_hf_model(seed: int = 0):
+    """A random Hugging Face NllbMoe over the tests' dictionary: 2+2 layers of width 16, 4 experts in layers 1."""
+    import transformers
+
+    config = transformers.NllbMoeConfig(
+        vocab_size=4 + len(SYMBOLS), d_model=16, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=32,
+        decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2, num_experts=4,
+        encoder_sparse_step=2, decoder_sparse_step=2, max_position_embeddings=64,
+    )
+    model = transformers.NllbMoeForConditionalGeneration(config).eval()
+    randomize(model, seed)
+    with torch.no_grad():
+        model.model.shared.weight[2] *= 8  # a likelier </s>, so that beam search ends before the length limit
+    return model
+
+
+def random_sentences(lengths: Sequence[int], seed: int = 0) -> List[torch.Tensor]:
+    """Token ids of the tests' dictionary, each sentence ending with </s> (2)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.cat([torch.randint(4, 4 + len(SYMBOLS), (n - 1,), generator=generator), torch.tensor([2])])
+            for n in lengths]
+
+
+def pad(sentences: Sequence[torch.Tensor], left: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(tokens padded with 1, mask of real tokens): fairseq pads sources on the left, Hugging Face on the right."""
+    width = max(len(s) for s in sentences)
+    tokens = torch.full((len(sentences), width), 1)
+    mask = torch.zeros(len(sentences), width, dtype=torch.long)
+    for i, sentence in enumerate(sentences):
+        columns = slice(width - len(sentence), width) if left else slice(0, len(sentence))
+        tokens[i, columns] = sentence
+        mask[i, columns] = 1
+    return tokens, mask

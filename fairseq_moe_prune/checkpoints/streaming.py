@@ -5,7 +5,7 @@ kept experts. We save the structure first with untouched placeholders
 (``torch.serialization.skip_data`` leaves each tensor's bytes as a hole of the right size), then
 fill each hole from its source,
 opening one source file at a time, and finally patch the zip CRCs. The result is an ordinary
-torch checkpoint.
+torch checkpoint. A source is a torch checkpoint (its ``model`` weights) or a safetensors file.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import types
 import zipfile
 import zlib
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -29,7 +29,8 @@ from fairseq_moe_prune.files import atomic_open
 
 @dataclass(frozen=True)
 class SourceTensor:
-    """A tensor still in its source file: ``model[key]`` of the checkpoint at ``path``."""
+    """A tensor still in its source file: ``model[key]`` of the checkpoint at ``path``, or ``key`` of a
+    safetensors file."""
 
     path: str
     key: str
@@ -38,6 +39,64 @@ class SourceTensor:
 
 
 Entry = Union[Tensor, SourceTensor]
+
+
+class SafetensorsFile(Mapping[str, Tensor]):
+    """The tensors of a safetensors file, each read when asked for (the file is never read whole)."""
+
+    def __init__(self, path: str):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            self._file = safe_open(path, framework="pt")
+        except (OSError, SafetensorError) as error:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+        self._keys = set(self._file.keys())
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._file.get_tensor(key)
+
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
+        return key in self._keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._file.keys())
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def open_source(path: str) -> Mapping[str, Tensor]:
+    """The tensors that :class:`SourceTensor` entries of ``path`` name."""
+    if path.endswith(".safetensors"):
+        return SafetensorsFile(path)
+    return load_checkpoint(path)["model"]
+
+
+def source_tensor(entry: SourceTensor, source: Mapping[str, Tensor]) -> Tensor:
+    """The tensor ``entry`` names in its opened source, checked against the shape and dtype expected of it."""
+    if entry.key not in source:
+        raise CheckpointError(f"{entry.path}: missing {entry.key} (truncated or mismatched shard?)")
+    tensor = source[entry.key]
+    if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype:
+        raise CheckpointError(f"{entry.path}: {entry.key} has shape {tuple(tensor.shape)} {tensor.dtype}, "
+                              f"not {entry.shape} {entry.dtype} like the same tensor elsewhere")
+    return tensor
+
+
+def materialize(model: Mapping[str, Entry]) -> Dict[str, Tensor]:
+    """Every entry as a tensor, opening each source file once; the caller bounds how much that is."""
+    tensors = {key: entry for key, entry in model.items() if isinstance(entry, Tensor)}
+    sources = sorted(((key, entry) for key, entry in model.items() if isinstance(entry, SourceTensor)),
+                     key=lambda item: item[1].path)
+    for path, group in itertools.groupby(sources, key=lambda item: item[1].path):
+        source = open_source(path)
+        for key, entry in group:
+            tensors[key] = source_tensor(entry, source)
+        del source
+    return {key: tensors[key] for key in model}
 
 
 def _storage_identity(tensor: Tensor) -> Tuple:
@@ -138,7 +197,7 @@ def save_streaming(state: Mapping[str, Any], model: Mapping[str, Entry], path: s
         # grouped by source file: one source file is open at a time
         fills.sort(key=lambda fill: _source_path(fill[1]))
         for source_path, group in itertools.groupby(fills, key=lambda fill: _source_path(fill[1])):
-            source = load_checkpoint(source_path)["model"] if source_path else None
+            source = open_source(source_path) if source_path else None
             for name, entry in group:
                 data = _fill_bytes(entry, source, dtype)
                 _, data_offset, size = offsets[name]
@@ -154,13 +213,7 @@ def _fill_bytes(entry: Any, source: Optional[Mapping[str, Tensor]], dtype: Optio
     if isinstance(entry, torch.UntypedStorage):  # a tensor of the state outside "model", as it is
         return memoryview(torch.empty(0, dtype=torch.uint8).set_(entry).numpy())
     if isinstance(entry, SourceTensor):
-        if entry.key not in source:
-            raise CheckpointError(f"{entry.path}: missing {entry.key} (truncated or mismatched shard?)")
-        tensor = source[entry.key]
-        if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype:
-            raise CheckpointError(f"{entry.path}: {entry.key} has shape {tuple(tensor.shape)} {tensor.dtype}, "
-                                  f"unlike the same tensor in the first rank file")
-        return _as_bytes(tensor, dtype)
+        return _as_bytes(source_tensor(entry, source), dtype)
     return _as_bytes(entry, dtype)
 
 

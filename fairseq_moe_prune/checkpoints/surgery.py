@@ -7,12 +7,13 @@ exactly their rows in that order, so the softmax and top-2 run over the kept exp
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, Iterator, List, Mapping
 
 import torch
 
@@ -23,6 +24,7 @@ from fairseq_moe_prune.checkpoints.layouts import (
 )
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
 from fairseq_moe_prune.checkpoints.streaming import Entry, save_streaming
+from fairseq_moe_prune.files import umask
 from fairseq_moe_prune.models.layout import MoELayerSpec, format_counts
 
 
@@ -130,3 +132,19 @@ def publish_directory(staging: str, out: str, force: bool) -> None:
         shutil.rmtree(trash)
     else:
         os.replace(staging, out)
+
+
+@contextlib.contextmanager
+def staged_directory(out: str, force: bool) -> Iterator[str]:
+    """A staging folder beside ``out``: it becomes ``out`` when the block succeeds and vanishes when it fails."""
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=".staging-")
+    os.chmod(staging, 0o777 & ~umask())  # mkdtemp makes 0700
+    try:
+        yield staging
+        publish_directory(staging, out, force)
+    except BaseException:
+        if os.path.exists(staging):
+            shutil.rmtree(staging)
+        raise

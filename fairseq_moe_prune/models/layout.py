@@ -34,7 +34,8 @@ class MoELayerSpec:
         return f"{self.side[:3]}{self.layer}"
 
 
-def _get(cfg: Any, name: str, default: Any = None) -> Any:
+def config_value(cfg: Any, name: str, default: Any = None) -> Any:
+    """A field of a model config (argparse Namespace, omegaconf or dict); ``default`` when unset or None."""
     if isinstance(cfg, dict):
         return cfg.get(name, default)
     value = getattr(cfg, name, default)
@@ -58,10 +59,15 @@ def format_counts(counts: Sequence[int]) -> str:
     return ",".join(str(count) for count in counts)
 
 
+def moe_freq(cfg: Any, side: str) -> int:
+    """Every how many layers the ``side`` has an MoE layer (0: none): max of the side's and the global field."""
+    return max(int(config_value(cfg, f"{side}_moe_freq", 0)), int(config_value(cfg, "moe_freq", 0)))
+
+
 def moe_layer_indices(cfg: Any, side: str) -> List[int]:
-    """NLLB's rule: layer i is an MoE layer when ``(i + 1) % freq == 0``, freq = max(side, global)."""
-    num_layers = int(_get(cfg, f"{side}_layers", 0))
-    freq = max(int(_get(cfg, f"{side}_moe_freq", 0)), int(_get(cfg, "moe_freq", 0)))
+    """NLLB's rule: layer i is an MoE layer when ``(i + 1) % freq == 0``."""
+    num_layers = int(config_value(cfg, f"{side}_layers", 0))
+    freq = moe_freq(cfg, side)
     if freq <= 0:
         return []
     return [i for i in range(num_layers) if (i + 1) % freq == 0]
@@ -70,10 +76,10 @@ def moe_layer_indices(cfg: Any, side: str) -> List[int]:
 def moe_layers(cfg: Any) -> List[MoELayerSpec]:
     """The MoE layers of a model config (argparse Namespace, omegaconf or dict), encoder first."""
     specs: List[MoELayerSpec] = []
-    default_count = int(_get(cfg, "moe_expert_count", 0))
+    default_count = int(config_value(cfg, "moe_expert_count", 0))
     for side in SIDES:
         indices = moe_layer_indices(cfg, side)
-        counts = parse_counts(_get(cfg, f"{side}_moe_expert_counts"))
+        counts = parse_counts(config_value(cfg, f"{side}_moe_expert_counts"))
         if counts is None:
             counts = [default_count] * len(indices)
         if len(counts) != len(indices):

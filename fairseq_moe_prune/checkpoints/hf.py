@@ -1,0 +1,374 @@
+"""Hugging Face ``NllbMoeForConditionalGeneration`` <-> fairseq: weight names, config fields, safetensors.
+
+HF's NllbMoe is NLLB's model with fewer degrees of freedom: pre-norm layers with a final layer
+norm, sinusoidal positions, encoder, decoder and output embeddings tied to ``model.shared``,
+top-2 routing without a router bias, and one expert count for every MoE layer. A fairseq model
+outside that (a non-uniformly pruned one, say) is refused with one line, not converted into a
+different model.
+
+Needs the ``hf`` extra (transformers, safetensors). Written against transformers 4.x: 5.x's
+NllbMoe runs every token's top-1 choice through ``expert_1`` and its top-2 choice through
+``expert_0`` (its ``NllbMoeExperts`` one-hot encodes the already one-hot router mask), so its
+outputs are not NLLB's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fairseq_moe_prune.checkpoints.layouts import model_config
+from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
+from fairseq_moe_prune.checkpoints.streaming import Entry, SourceTensor, materialize
+from fairseq_moe_prune.checkpoints.surgery import PrunedCheckpoint
+from fairseq_moe_prune.models.layout import (
+    MoEConfigError,
+    config_value,
+    moe_freq,
+    moe_layers,
+)
+
+# One table for both directions: the fairseq name and the HF name of every weight.
+KEY_TABLE: List[Tuple[str, str]] = [
+    ("encoder.embed_tokens.weight", "model.shared.weight"),
+    ("{side}.layers.{i}.self_attn.{proj}.{p}", "model.{side}.layers.{i}.self_attn.{proj}.{p}"),
+    ("{side}.layers.{i}.self_attn_layer_norm.{p}", "model.{side}.layers.{i}.self_attn_layer_norm.{p}"),
+    ("decoder.layers.{i}.encoder_attn.{proj}.{p}", "model.decoder.layers.{i}.cross_attention.{proj}.{p}"),
+    ("decoder.layers.{i}.encoder_attn_layer_norm.{p}", "model.decoder.layers.{i}.cross_attention_layer_norm.{p}"),
+    ("{side}.layers.{i}.{fc}.{p}", "model.{side}.layers.{i}.ffn.{fc}.{p}"),
+    ("{side}.layers.{i}.final_layer_norm.{p}", "model.{side}.layers.{i}.ff_layer_norm.{p}"),
+    ("{side}.layers.{i}.moe_layer.gate.wg.weight", "model.{side}.layers.{i}.ffn.router.classifier.weight"),
+    ("{side}.layers.{i}.moe_layer.experts.{j}.{fc}.{p}", "model.{side}.layers.{i}.ffn.experts.expert_{j}.{fc}.{p}"),
+    ("{side}.layer_norm.{p}", "model.{side}.layer_norm.{p}"),
+]
+PLACEHOLDERS = {"side": "encoder|decoder", "i": r"\d+", "j": r"\d+", "fc": "fc1|fc2",
+                "proj": "k_proj|v_proj|q_proj|out_proj", "p": "weight|bias"}
+# other names of the table's first row (one tensor), and fairseq buffers that HF has no use for
+FAIRSEQ_TIED = ("decoder.embed_tokens.weight", "decoder.output_projection.weight")
+HF_TIED = ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight")
+FAIRSEQ_BUFFERS = re.compile(r"^(encoder|decoder)\.(version|embed_positions\._float_tensor)$")
+
+# fairseq model field <-> NllbMoeConfig field, where the two are the same value under two names
+CONFIG_TABLE: List[Tuple[str, str]] = [
+    ("encoder_embed_dim", "d_model"),
+    ("encoder_layers", "encoder_layers"),
+    ("decoder_layers", "decoder_layers"),
+    ("encoder_ffn_embed_dim", "encoder_ffn_dim"),
+    ("decoder_ffn_embed_dim", "decoder_ffn_dim"),
+    ("encoder_attention_heads", "encoder_attention_heads"),
+    ("decoder_attention_heads", "decoder_attention_heads"),
+    ("activation_fn", "activation_function"),
+    ("dropout", "dropout"),
+    ("attention_dropout", "attention_dropout"),
+    ("activation_dropout", "activation_dropout"),
+    ("encoder_layerdrop", "encoder_layerdrop"),
+    ("decoder_layerdrop", "decoder_layerdrop"),
+    ("moe_second_expert_policy", "second_expert_policy"),
+    ("moe_normalize_gate_prob_before_dropping", "normalize_router_prob_before_dropping"),
+    ("moe_batch_prioritized_routing", "batch_prioritized_routing"),
+    ("moe_eval_capacity_token_fraction", "moe_eval_capacity_token_fraction"),
+    ("moe_eom", "moe_token_dropout"),
+]
+# fairseq options that change the network in ways HF's NllbMoe cannot: refused when set
+NOT_IN_HF = ("layernorm_embedding", "no_decoder_final_norm", "encoder_learned_pos", "decoder_learned_pos",
+             "no_token_positional_embeddings", "adaptive_softmax_cutoff", "adaptive_input", "no_cross_attention",
+             "cross_self_attention", "encoder_layers_to_keep", "decoder_layers_to_keep", "moe_top1_expert")
+# fairseq's Dictionary puts <s>, <pad>, </s> first; its decoder starts from </s>
+SPECIAL_IDS = {"bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 2}
+ACTIVATIONS = ("relu", "gelu")
+DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _pattern(template: str) -> re.Pattern:
+    parts = re.split(r"\{(\w+)\}", template)  # literal, name, literal, name, ...
+    return re.compile("".join(re.escape(part) if n % 2 == 0 else f"(?P<{part}>{PLACEHOLDERS[part]})"
+                              for n, part in enumerate(parts)))
+
+
+# per target format: (pattern of the other format's name, template of this format's name)
+_RENAMES = {"hf": [(_pattern(fairseq), hf) for fairseq, hf in KEY_TABLE],
+            "fairseq": [(_pattern(hf), fairseq) for fairseq, hf in KEY_TABLE]}
+
+
+def rename(key: str, to: str) -> Optional[str]:
+    """A weight's name in the ``to`` format ("hf" or "fairseq"), or None when the table has no row for it."""
+    for pattern, template in _RENAMES[to]:
+        match = pattern.fullmatch(key)
+        if match:
+            return template.format(**match.groupdict())
+    return None
+
+
+def transformers_module() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise CheckpointError("Hugging Face checkpoints need transformers: pip install 'fairseq-moe-prune[hf]'") from None
+    return transformers
+
+
+def hf_config(config: Any, vocab_size: int, dtype: torch.dtype) -> Any:
+    """The ``NllbMoeConfig`` of a fairseq model config, or a one-line error for what HF cannot express."""
+    refused = [name for name in NOT_IN_HF if config_value(config, name)]
+    if refused:
+        raise CheckpointError(f"Hugging Face's NllbMoe has no equivalent of --{refused[0].replace('_', '-')}")
+    for name in ("encoder_normalize_before", "decoder_normalize_before", "share_all_embeddings"):
+        if not config_value(config, name, False):
+            raise CheckpointError(f"Hugging Face's NllbMoe needs --{name.replace('_', '-')} (pre-norm layers and "
+                                  "one embedding shared by encoder, decoder and output)")
+    dim = config_value(config, "encoder_embed_dim")
+    for name in ("decoder_embed_dim", "decoder_output_dim", "decoder_input_dim"):
+        if config_value(config, name, dim) != dim:
+            raise CheckpointError(f"Hugging Face's NllbMoe has one model width; {name} is not {dim}")
+    if config_value(config, "activation_fn", "relu") not in ACTIVATIONS:
+        raise CheckpointError(f"activation {config_value(config, 'activation_fn')} is not one of {', '.join(ACTIVATIONS)}")
+    counts = {spec.num_experts for spec in moe_layers(config)}
+    if len(counts) != 1:
+        raise CheckpointError(f"Hugging Face's NllbMoe has one expert count for all MoE layers; this model has "
+                              f"{', '.join(map(str, sorted(counts)))} (keep it as a single-file fairseq checkpoint)")
+    fields = {hf: config_value(config, fairseq) for fairseq, hf in CONFIG_TABLE}
+    fields.update(
+        vocab_size=vocab_size,
+        num_experts=counts.pop(),
+        encoder_sparse_step=moe_freq(config, "encoder"),
+        decoder_sparse_step=moe_freq(config, "decoder"),
+        max_position_embeddings=max(config_value(config, "max_source_positions", 1024),
+                                    config_value(config, "max_target_positions", 1024)),
+        scale_embedding=not config_value(config, "no_scale_embedding", False),
+        # HF's router always computes in router_dtype; fairseq's fp32 gating is its NLLB setting
+        router_dtype="float32",
+        router_bias=False,
+        # HF's flag is the opposite of fairseq's: False masks padding out of the routing
+        router_ignore_padding_tokens=not config_value(config, "use_moe_pad_mask", False),
+        tie_word_embeddings=True,
+        architectures=["NllbMoeForConditionalGeneration"],
+        torch_dtype=str(dtype).replace("torch.", ""),
+        **SPECIAL_IDS,
+    )
+    return transformers_module().NllbMoeConfig(**fields)
+
+
+def fairseq_model_args(config: Any) -> List[str]:
+    """fairseq command-line options for the model an ``NllbMoeConfig`` describes (refusing what fairseq lacks)."""
+    if config.model_type != "nllb-moe":
+        raise CheckpointError(f"not an NLLB-MoE model (model_type {config.model_type!r})")
+    if config.router_bias:
+        raise CheckpointError("fairseq's NLLB gate has no bias; this model's router has one")
+    if not config.tie_word_embeddings:
+        raise CheckpointError("fairseq's NLLB shares one embedding between encoder, decoder and output; "
+                              "this model does not tie them")
+    if config.activation_function not in ACTIVATIONS:
+        raise CheckpointError(f"activation {config.activation_function} is not one of {', '.join(ACTIVATIONS)}")
+    for name, value in SPECIAL_IDS.items():
+        if getattr(config, name) != value:
+            raise CheckpointError(f"{name} is {getattr(config, name)}, but a fairseq dictionary has {value}")
+    values = {fairseq: getattr(config, hf) for fairseq, hf in CONFIG_TABLE}
+    values.update(
+        decoder_embed_dim=config.d_model,
+        encoder_normalize_before=True,
+        decoder_normalize_before=True,
+        share_all_embeddings=True,
+        no_scale_embedding=not config.scale_embedding,
+        max_source_positions=config.max_position_embeddings,
+        max_target_positions=config.max_position_embeddings,
+        encoder_moe_freq=config.encoder_sparse_step,
+        decoder_moe_freq=config.decoder_sparse_step,
+        moe_expert_count=config.num_experts,
+        moe_gating_use_fp32=config.router_dtype == "float32",
+        use_moe_pad_mask=not config.router_ignore_padding_tokens,
+    )
+    args = []
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value is not False:
+            args += [flag, str(value)]
+    return args
+
+
+def fairseq_state(config: Any) -> Dict[str, Any]:
+    """Everything but the weights of a fairseq checkpoint for this HF model, as ``fairseq-train`` lays it out.
+
+    The config comes from fairseq's own parser (architecture ``moe_transformer``, task
+    ``translation``), so every field a stock fairseq expects is there.
+    """
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from omegaconf import OmegaConf
+
+    user_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parser = options.get_training_parser()
+    try:
+        args = options.parse_args_and_arch(parser, ["", "--task", "translation", "--arch", "moe_transformer",
+                                                    "--user-dir", user_dir, *fairseq_model_args(config)])
+    except SystemExit:  # argparse already printed why
+        raise CheckpointError("fairseq refused the converted model options") from None
+    return {
+        "args": None,
+        "cfg": OmegaConf.to_container(convert_namespace_to_omegaconf(args), resolve=True, enum_to_str=True),
+        "criterion": None,
+        "optimizer_history": [{"criterion_name": "CrossEntropyCriterion", "optimizer_name": None,
+                               "lr_scheduler_state": {}, "num_updates": 0}],
+        "task_state": {},
+        "extra_state": {},
+        "last_optimizer_state": None,
+    }
+
+
+def weight_files(folder: str) -> List[str]:
+    """The safetensors files of an HF model folder: the index's shards, or ``model.safetensors``."""
+    index = os.path.join(folder, INDEX_NAME)
+    if os.path.exists(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as error:
+            raise CheckpointError(f"{index}: not a safetensors index ({error})") from None
+        return [os.path.join(folder, name) for name in names]
+    if os.path.exists(os.path.join(folder, WEIGHTS_NAME)):
+        return [os.path.join(folder, WEIGHTS_NAME)]
+    raise CheckpointError(f"{folder}: no {WEIGHTS_NAME} or {INDEX_NAME} (only safetensors weights are read)")
+
+
+def _natural(key: str) -> List[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
+
+
+def read_hf(folder: str) -> PrunedCheckpoint:
+    """An HF NllbMoe folder as a fairseq checkpoint to write: a fairseq config and references to its tensors.
+
+    Only safetensors headers are read here; the tensors are read one at a time when written.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    transformers = transformers_module()
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{folder}: no readable Hugging Face config.json ({error})") from None
+    tensors: Dict[str, SourceTensor] = {}
+    for path in weight_files(folder):
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                    view = f.get_slice(key)
+                    if view.get_dtype() not in DTYPES:
+                        raise CheckpointError(f"{path}: {key} has dtype {view.get_dtype()}")
+                    tensors[key] = SourceTensor(path, key, tuple(view.get_shape()), DTYPES[view.get_dtype()])
+        except (OSError, SafetensorError) as error:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+
+    embedding = next((tensors[key] for key in ("model.shared.weight", *HF_TIED) if key in tensors), None)
+    if embedding is None:
+        raise CheckpointError(f"{folder}: no embedding (model.shared.weight)")
+    model: Dict[str, Entry] = {}
+    for key in sorted(tensors, key=_natural):
+        if key in HF_TIED:
+            continue
+        name = rename(key, "fairseq")
+        if name is None:
+            raise CheckpointError(f"{folder}: {key} has no counterpart in fairseq's NLLB model")
+        model[name] = tensors[key]
+    model["encoder.embed_tokens.weight"] = embedding
+    for name in FAIRSEQ_TIED:
+        model[name] = embedding
+    for side in ("encoder", "decoder"):
+        model[f"{side}.version"] = torch.tensor([3.0])  # what fairseq's own state dict holds
+    state = fairseq_state(config)
+    _check_complete(model, model_config(state), folder)
+    return PrunedCheckpoint(state, model)
+
+
+def _check_complete(model: Mapping[str, Entry], config: Any, folder: str) -> None:
+    """Every MoE layer has its router, with one row per expert, and every expert (a truncated folder fails here)."""
+    try:
+        specs = moe_layers(config)
+    except MoEConfigError as error:
+        raise CheckpointError(f"{folder}: {error}") from None
+    for spec in specs:
+        gate = model.get(f"{spec.prefix}.gate.wg.weight")
+        if gate is None or gate.shape[0] != spec.num_experts:
+            raise CheckpointError(f"{folder}: {rename(spec.prefix + '.gate.wg.weight', 'hf')} is missing or does "
+                                  f"not have one row for each of the {spec.num_experts} experts")
+        for expert in range(spec.num_experts):
+            for name in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
+                if f"{spec.prefix}.experts.{expert}.{name}" not in model:
+                    raise CheckpointError(f"{folder}: missing "
+                                          f"{rename(f'{spec.prefix}.experts.{expert}.{name}', 'hf')}")
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"`` -> 5 * 10**9 (HF's convention; ``GiB`` for powers of two)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else ""
+    if not match or (unit or "B") not in SIZE_UNITS:
+        raise CheckpointError(f"not a size: {text!r} (e.g. 5GB, 500MB, 2GiB)")
+    return int(float(match.group(1)) * SIZE_UNITS[unit or "B"])
+
+
+def plan_shards(model: Mapping[str, Entry], max_bytes: int, dtype: Optional[torch.dtype]) -> List[List[str]]:
+    """Consecutive groups of keys of at most ``max_bytes`` each (a larger tensor gets a shard of its own)."""
+    shards: List[List[str]] = [[]]
+    size = 0
+    for key, entry in model.items():
+        out_dtype = dtype if dtype is not None and entry.dtype.is_floating_point else entry.dtype
+        nbytes = torch.Size(entry.shape).numel() * out_dtype.itemsize
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
+def write_hf(checkpoint: PrunedCheckpoint, folder: str, fp16: bool = False, max_shard_size: str = "5GB") -> None:
+    """Write a fairseq checkpoint into ``folder`` (new and empty) as HF's config.json and safetensors shards.
+
+    One shard is in memory at a time.
+    """
+    from safetensors.torch import save_file
+
+    dtype = torch.float16 if fp16 else None
+    embedding = checkpoint.model["encoder.embed_tokens.weight"]
+    config = hf_config(model_config(checkpoint.state), embedding.shape[0], dtype or embedding.dtype)
+    model: Dict[str, Entry] = {}
+    for key, entry in checkpoint.model.items():
+        if key in FAIRSEQ_TIED or FAIRSEQ_BUFFERS.match(key):
+            continue
+        name = rename(key, "hf")
+        if name is None:
+            raise CheckpointError(f"{key} has no counterpart in Hugging Face's NllbMoe")
+        model[name] = entry
+    config.save_pretrained(folder)
+    transformers_module().GenerationConfig.from_model_config(config).save_pretrained(folder)
+
+    shards = plan_shards(model, parse_size(max_shard_size), dtype)
+    names = [WEIGHTS_NAME] if len(shards) == 1 else [f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+                                                      for n in range(1, len(shards) + 1)]
+    weight_map: Dict[str, str] = {}
+    total = 0
+    for name, keys in zip(names, shards):
+        tensors = {key: _cast(tensor, dtype) for key, tensor in materialize({k: model[k] for k in keys}).items()}
+        save_file(tensors, os.path.join(folder, name), metadata={"format": "pt"})
+        weight_map.update((key, name) for key in keys)
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        del tensors
+    if len(shards) > 1:
+        with open(os.path.join(folder, INDEX_NAME), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+def _cast(tensor: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    return tensor.contiguous()
