@@ -62,7 +62,14 @@ class Translator:
         cfg, task = self.setup(source, target)
         overrides = ast.literal_eval(cfg.common_eval.model_overrides)
         models, _ = checkpoint_utils.load_model_ensemble([checkpoint], arg_overrides=overrides, task=task)
-        return models[0].eval()
+        model = models[0].eval()
+        if cfg.common.fp16:
+            model.half()
+        return model.cuda() if self.use_cuda(cfg) else model
+
+    @staticmethod
+    def use_cuda(cfg: Any) -> bool:
+        return torch.cuda.is_available() and not cfg.common.cpu
 
     def translate(self, checkpoint: str, source: str, target: str) -> Translation:
         """The best hypothesis of every sentence of ``--gen-subset`` in one direction."""
@@ -91,6 +98,8 @@ class Translator:
             for sample in batches:
                 if "net_input" not in sample:
                     continue
+                if self.use_cuda(cfg):
+                    sample = utils.move_to_cuda(sample)
                 outputs = task.inference_step(generator, models, sample)
                 for i, sample_id in enumerate(sample["id"].tolist()):
                     # fairseq-generate's post_process_prediction, less its re-encoding of the text,

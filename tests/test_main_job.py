@@ -20,14 +20,14 @@ def test_main_job_ci_preset(tmp_path):
 
     recorded = stats.load(str(work / "stats.json"))
     assert sorted(recorded.pairs) == sorted(PAIRS)
-    assert all(pair.sentences == 20 for pair in recorded.pairs.values())  # every dev sentence
+    assert all(pair.sentences == 10 for pair in recorded.pairs.values())  # every dev sentence
 
     sweep = work / "sweep"
     results = json.loads((sweep / "sweep.json").read_text())
     assert len(results) == 1 + 4 * 5  # the full model, then 4 methods x 5 levels
     for run in results.values():
         assert sorted(run["directions"]) == sorted(PAIRS)
-        assert all(scores["sentences"] == 20 for scores in run["directions"].values())
+        assert all(scores["sentences"] == 10 for scores in run["directions"].values())
     # the pruned models that translated really are smaller, by the planned share of experts
     parameters = {name: run["directions"]["eng_Latn-deu_Latn"]["parameters"] for name, run in results.items()}
     assert parameters["full"] > parameters["importance-language-25"] > parameters["importance-language-90"]

@@ -18,16 +18,18 @@ import os
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import sacrebleu
 import torch
 
+from fairseq_moe_prune import stats as stats_lib
 from fairseq_moe_prune.evaluation import Translation, Translator
 from fairseq_moe_prune.files import atomic_open
 from fairseq_moe_prune.pruning import PruneOptions, prune
+from fairseq_moe_prune.ranking import SelectionError
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ class Sweep:
                  log: Callable[[str], None], workers: int = 2):
         self.work, self.checkpoint, self.statistics = work, checkpoint, statistics
         self.directions, self.references, self.ratio, self.log = list(directions), references, ratio, log
+        self.moe_layers = len(next(iter(stats_lib.load(str(statistics)).pairs.values())).layers)
         self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=start_worker, initargs=(list(generate_args),))
         self.results_path = work / "sweep.json"
@@ -136,7 +139,13 @@ class Sweep:
         out = self.work / name
         options = PruneOptions(metric=method.metric, granularity=method.granularity, prune_fraction=level,
                                ratio=self.ratio, directions=self.directions if method.granularity != "global" else None)
-        manifest = prune(str(self.checkpoint), str(out), options, stats_path=str(self.statistics), force=True)
+        try:
+            manifest = prune(str(self.checkpoint), str(out), options, stats_path=str(self.statistics), force=True)
+        except SelectionError:
+            # the level leaves fewer than the 2 experts top-2 routing needs in some layer: keep 2 in every
+            # layer instead, the smallest model there is (the report shows the share actually pruned)
+            options = replace(options, prune_fraction=None, keep=options.min_per_layer * self.moe_layers)
+            manifest = prune(str(self.checkpoint), str(out), options, stats_path=str(self.statistics), force=True)
         outputs = manifest["outputs"]
         scores = self.evaluate({d: out / outputs[d if d in outputs else "global"]["files"][0]
                                 for d in self.directions})
