@@ -132,6 +132,9 @@ def verdict(results: Dict[str, dict]) -> List[str]:
     """The issue's targets, checked on the numbers."""
     full = mean(results["full"], "chrf++")
     lines = []
+    if full < 20:
+        lines.append(f"- The full model scores only chrF++ {full:.1f}: it has not learnt to translate yet, so "
+                     "differences of about 1 chrF++ are noise; train longer (another preset) before concluding.")
     best75 = run_at(results, BEST, 0.75)
     if best75 is not None:
         loss = full - mean(best75, "chrf++")

@@ -33,17 +33,18 @@ EIGHT = "deu_Latn,fra_Latn,rus_Cyrl,ell_Grek,fin_Latn,tur_Latn,jpn_Jpan,zho_Hans
 
 PRESETS: Dict[str, Dict[str, object]] = {
     # CI's shrunk run: the committed two-language sample, a few updates, a few sentences
-    "ci": dict(langs="deu_Latn,fra_Latn", sample=True, vocab=1000, max_train=0, updates=30, max_tokens=2048,
-               dims=(32, 64, 2, 2), experts=32, dev_max=10, test_max=10),
-    # README's main command: 8 languages of 6 families and 5 scripts, about 20 minutes on 2 CPU cores
-    "default": dict(langs=EIGHT, sample=False, vocab=8000, max_train=6000, updates=500, max_tokens=4096,
-                    dims=(128, 512, 3, 4), experts=16, dev_max=100, test_max=50),
+    "ci": dict(langs="deu_Latn,fra_Latn", sample=True, vocab=1000, max_words=100, max_train=0, updates=30,
+               max_tokens=2048, dims=(32, 64, 2, 2), experts=32, dev_max=10, test_max=10),
+    # README's main command: 8 languages of 6 families and 5 scripts, about 20 minutes on 2 CPU cores; segments
+    # of up to 20 English words (headings, UI strings, short sentences) so that the model learns something
+    "default": dict(langs=EIGHT, sample=False, vocab=8000, max_words=20, max_train=6000, updates=400,
+                    max_tokens=4096, dims=(128, 512, 3, 4), experts=16, dev_max=100, test_max=40),
     # a better model on a bigger CPU machine (hours): all training data, a wider model
-    "large": dict(langs=EIGHT, sample=False, vocab=16000, max_train=0, updates=6000, max_tokens=8192,
-                  dims=(256, 1024, 6, 4), experts=32, dev_max=500, test_max=500),
+    "large": dict(langs=EIGHT, sample=False, vocab=16000, max_words=100, max_train=0, updates=6000,
+                  max_tokens=8192, dims=(256, 1024, 6, 4), experts=32, dev_max=500, test_max=500),
     # one GPU (about an hour on an H100): the large data, a wider model, more updates
-    "gpu": dict(langs=EIGHT, sample=False, vocab=16000, max_train=0, updates=30000, max_tokens=16384,
-                dims=(512, 2048, 6, 8), experts=32, dev_max=1000, test_max=1000),
+    "gpu": dict(langs=EIGHT, sample=False, vocab=16000, max_words=100, max_train=0, updates=30000,
+                max_tokens=16384, dims=(512, 2048, 6, 8), experts=32, dev_max=1000, test_max=1000),
 }
 # glibc returns big freed blocks to the OS at once; with these the training loop reuses them (~15% faster)
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296",
@@ -100,7 +101,7 @@ def prepare_data(work: Path, preset: Dict[str, object]) -> Path:
     data = work / "data"
     command = [sys.executable, str(HERE / "prepare_data.py"), "--out", str(data), "--langs", str(preset["langs"]),
                "--vocab-size", str(preset["vocab"]), "--test-max", str(preset["test_max"]),
-               "--valid-max", str(preset["dev_max"])]
+               "--valid-max", str(preset["dev_max"]), "--max-words", str(preset["max_words"])]
     if preset["sample"]:
         command += ["--aligned-dir", str(HERE.parent.parent / "tests" / "data" / "libreoffice_help")]
     if preset["max_train"]:
