@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 from fairseq import checkpoint_utils, options, tasks, utils
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-from fairseq.sequence_generator import SequenceGenerator
+from fairseq_cli.generate import get_symbols_to_strip_from_output
 
 
 @dataclass
@@ -27,12 +27,6 @@ class Translation:
     sentences: int
     parameters: int  # of the model that translated, e.g. after pruning
     seconds: float  # generation time, excluding task setup and checkpoint loading
-
-
-def symbols_to_strip(generator: SequenceGenerator) -> set:
-    """The tokens fairseq-generate strips from the output (eos, and the generator's own)."""
-    extra = getattr(generator, "symbols_to_strip_from_output", None)
-    return set(extra) if extra is not None else {generator.eos}
 
 
 class Translator:
@@ -90,7 +84,7 @@ class Translator:
         ).next_epoch_itr(shuffle=False)
         generator = task.build_generator(models, cfg.generation)
         tokenizer, bpe = task.build_tokenizer(cfg.tokenizer), task.build_bpe(cfg.bpe)
-        strip = symbols_to_strip(generator)
+        strip = get_symbols_to_strip_from_output(generator)
 
         hypotheses = {}
         start = time.perf_counter()

@@ -14,15 +14,12 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from sweep import mean  # noqa: E402
 
 from fairseq_moe_prune import stats as stats_lib  # noqa: E402
 from fairseq_moe_prune.files import atomic_open  # noqa: E402
 
 BEST = "importance per language"
-
-
-def mean(run: dict, key: str) -> float:
-    return float(np.mean([s[key] for s in run["directions"].values()]))
 
 
 def methods(results: Dict[str, dict]) -> List[str]:

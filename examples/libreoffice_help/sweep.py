@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+import numpy as np
 import sacrebleu
 import torch
 
@@ -97,7 +98,8 @@ class Sweep:
                  directions: Sequence[str], references: Callable[[str], List[str]], ratio: str,
                  log: Callable[[str], None], workers: int = 2):
         self.work, self.checkpoint, self.statistics = work, checkpoint, statistics
-        self.directions, self.references, self.ratio, self.log = list(directions), references, ratio, log
+        self.directions, self.ratio, self.log = list(directions), ratio, log
+        self.references = {direction: references(direction) for direction in self.directions}
         self.moe_layers = len(next(iter(stats_lib.load(str(statistics)).pairs.values())).layers)
         self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=start_worker, initargs=(list(generate_args),))
@@ -117,7 +119,7 @@ class Sweep:
         for direction, job in jobs.items():
             translation = job.result()
             target = direction.split("-")[1]
-            scores[direction] = {**score(translation.hypotheses, self.references(direction), target),
+            scores[direction] = {**score(translation.hypotheses, self.references[direction], target),
                                  "sentences": translation.sentences, "parameters": translation.parameters,
                                  "seconds": round(translation.seconds, 2)}
         return scores
@@ -129,7 +131,7 @@ class Sweep:
         scores = self.evaluate({d: self.checkpoint for d in self.directions})
         self.results["full"] = {"method": "full model", "level": 0.0, "pruned_fraction": 0.0, "directions": scores}
         self.save()
-        self.log(f"full model: chrF++ {mean(scores, 'chrf++'):.2f} ({time.monotonic() - start:.0f} s)")
+        self.log(f"full model: chrF++ {mean(self.results['full'], 'chrf++'):.2f} ({time.monotonic() - start:.0f} s)")
 
     def run_pruned(self, method: Method, level: float) -> None:
         name = run_name(method, level)
@@ -157,7 +159,7 @@ class Sweep:
             for file in output["files"]:
                 os.unlink(out / file)
         self.log(f"{method.name} {level:.0%} ({first['pruned_fraction']:.1%} of experts pruned): "
-                 f"chrF++ {mean(scores, 'chrf++'):.2f} ({time.monotonic() - start:.0f} s)")
+                 f"chrF++ {mean(self.results[name], 'chrf++'):.2f} ({time.monotonic() - start:.0f} s)")
 
     def run(self, methods: Sequence[Method] = METHODS, levels: Sequence[float] = LEVELS) -> Dict[str, dict]:
         try:
@@ -170,5 +172,6 @@ class Sweep:
         return self.results
 
 
-def mean(scores: Dict[str, Dict[str, float]], key: str) -> float:
-    return sum(s[key] for s in scores.values()) / len(scores)
+def mean(run: dict, key: str) -> float:
+    """A score averaged over a run's directions."""
+    return float(np.mean([scores[key] for scores in run["directions"].values()]))
