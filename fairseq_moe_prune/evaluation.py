@@ -11,6 +11,7 @@ fairseq-generate's ``D-`` lines.
 from __future__ import annotations
 
 import ast
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Tuple
@@ -33,11 +34,15 @@ class Translator:
     """fairseq-generate's steps, with the task and test data of each direction set up only once.
 
     ``generate_args`` are fairseq-generate's arguments without ``--path`` and the languages.
+    The last model loaded is kept while its file is unchanged: a multilingual model is the same
+    whichever direction's task builds it (the tasks share one dictionary), so a sweep translating
+    every direction with one checkpoint loads it once.
     """
 
     def __init__(self, generate_args: Sequence[str]):
         self.generate_args = [*generate_args, "--required-batch-size-multiple", "1"]
         self.directions: Dict[Tuple[str, str], Tuple[Any, Any]] = {}  # (source, target) -> (cfg, task)
+        self.loaded: Tuple[Any, torch.nn.Module] | None = None  # ((path, mtime, size), model)
 
     def setup(self, source: str, target: str) -> Tuple[Any, Any]:
         if (source, target) not in self.directions:
@@ -54,12 +59,17 @@ class Translator:
     def load(self, checkpoint: str, source: str, target: str) -> torch.nn.Module:
         """The model, built by fairseq's loader with the direction's task and ``--model-overrides``."""
         cfg, task = self.setup(source, target)
-        overrides = ast.literal_eval(cfg.common_eval.model_overrides)
-        models, _ = checkpoint_utils.load_model_ensemble([checkpoint], arg_overrides=overrides, task=task)
-        model = models[0].eval()
-        if cfg.common.fp16:
-            model.half()
-        return model.cuda() if self.use_cuda(cfg) else model
+        stat = os.stat(checkpoint)
+        key = (os.path.abspath(checkpoint), stat.st_mtime_ns, stat.st_size)
+        if self.loaded is None or self.loaded[0] != key:
+            self.loaded = None  # free the previous model before loading the next
+            overrides = ast.literal_eval(cfg.common_eval.model_overrides)
+            models, _ = checkpoint_utils.load_model_ensemble([checkpoint], arg_overrides=overrides, task=task)
+            model = models[0].eval()
+            if cfg.common.fp16:
+                model.half()
+            self.loaded = (key, model.cuda() if self.use_cuda(cfg) else model)
+        return self.loaded[1]
 
     @staticmethod
     def use_cuda(cfg: Any) -> bool:

@@ -146,7 +146,11 @@ class MoELayer(nn.Module):
         token_ids, weights = token_ids[order], weights[order]
         counts = torch.bincount(experts, minlength=self.num_experts).tolist()
         chunks = tokens[token_ids].split(counts)
-        outputs = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])
+        # In training every expert runs, even on no tokens, so that each gets a gradient (zero if unused)
+        # and the optimizer treats all alike; at inference experts without tokens are skipped (one decoding
+        # step of one language uses few experts).
+        outputs = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)
+                             if self.training or chunk.shape[0] > 0] or [tokens[:0]])
         dispatch = Dispatch(token_ids, experts, weights, outputs.float().norm(dim=1) if with_norms else None)
 
         if self.eom > 0:

@@ -32,6 +32,17 @@ def test_dispatch_and_combine_equal_a_per_token_loop(top1):
     torch.testing.assert_close(layer(x), brute_force(layer, x))
 
 
+def test_experts_without_tokens_are_skipped_at_inference_and_run_in_training():
+    layer = make_layer(num_experts=16).eval()
+    x = torch.randn(1, 2, 8)  # 2 tokens reach at most 4 of the 16 experts
+    torch.testing.assert_close(layer(x), brute_force(layer, x))
+    assert layer(x[:, :0]).shape == (1, 0, 8)
+
+    layer.train()
+    layer(x).sum().backward()
+    assert all(expert.fc1.weight.grad is not None for expert in layer.experts)
+
+
 def test_copies_of_one_ffn_equal_that_dense_ffn_times_one_minus_eom():
     layer = make_layer(num_experts=6, eom=0.2).eval()
     for expert in layer.experts[1:]:
