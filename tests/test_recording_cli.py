@@ -60,6 +60,8 @@ def test_an_interrupted_run_leaves_a_valid_file_of_whole_batches(corpus, trained
     process = subprocess.Popen(
         generate_args(corpus, trained, "train", path, "--batch-size", "4", "--moe-stats-flush-seconds", "0"),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        # Ctrl-C as in a terminal: a shell starts background jobs with SIGINT ignored, which the child inherits
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 120
     seen = 0
