@@ -40,7 +40,7 @@ class Translator:
     """
 
     def __init__(self, generate_args: Sequence[str]):
-        self.generate_args = [*generate_args, "--required-batch-size-multiple", "1"]
+        self.generate_args = list(generate_args)
         self.directions: Dict[Tuple[str, str], Tuple[Any, Any]] = {}  # (source, target) -> (cfg, task)
         self.loaded: Tuple[Any, torch.nn.Module] | None = None  # ((path, mtime, size), model)
 

@@ -24,12 +24,12 @@ def test_translator_matches_fairseq_generate(corpus, trained):
     assert first.hypotheses == [expected[i] for i in range(TEST_SENTENCES)]
     assert first.parameters == sum(p.numel() for p in translator.load(str(trained), "deu_Latn", "eng_Latn").parameters())
 
-    # Another direction in between must leave the first one's task as it was (fairseq's own
-    # post-processing adds every unseen output word to the target dictionary).
     # The model loaded for deu->eng is reused for eng->fra; one loaded for eng->fra translates the same.
     reused = translator.translate(str(trained), "eng_Latn", "fra_Latn")
     model = translator.load(str(trained), "eng_Latn", "fra_Latn")
     assert model is translator.load(str(trained), "deu_Latn", "eng_Latn")
     fresh = Translator([*multilingual_args(corpus), *GENERATE]).translate(str(trained), "eng_Latn", "fra_Latn")
     assert reused.hypotheses == fresh.hypotheses
+    # Another direction in between must leave the first one's task as it was (fairseq's own
+    # post-processing adds every unseen output word to the target dictionary).
     assert translator.translate(str(trained), "deu_Latn", "eng_Latn").hypotheses == first.hypotheses

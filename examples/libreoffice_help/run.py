@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "with 16, 1:1 keeps the two experts top-2 routing needs in every layer longest)")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
-    langs = str(preset["langs"])
+    langs, beam = str(preset["langs"]), int(preset["beam"])
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     timings: Dict[str, float] = {}
@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                  f"{preset['updates']} updates")
     checkpoint = train(work, data, preset)
     step("train", f"3/5 record: expert statistics on dev, {len(directions(langs))} directions")
-    statistics = record(work, data, checkpoint, langs, int(preset["beam"]))
+    statistics = record(work, data, checkpoint, langs, beam)
     step("record", "4/5 sweep: prune, translate test, score")
 
     from report import write_report  # matplotlib and fairseq load only now
@@ -215,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     quiet()
 
-    generate_args = [*task_args(data, langs), *generation_args("test", int(preset["beam"]))]
+    generate_args = [*task_args(data, langs), *generation_args("test", beam)]
     sweep = Sweep(work / "sweep", checkpoint, statistics, generate_args,
                   directions(langs), lambda d: references(data, d), args.ratio, log)
     results = sweep.run()
@@ -223,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     train_pairs = sum(line_count(data / "raw" / f"train.{ENGLISH}-{x}.{ENGLISH}") for x in langs.split(","))
     test_sentences = line_count(data / "raw" / f"test.{ENGLISH}-{langs.split(',')[0]}.{ENGLISH}")
     dim, ffn, layers, heads = preset["dims"]  # type: ignore[misc]
-    decoding = "greedy search" if preset["beam"] == 1 else f"beam {preset['beam']}"
+    decoding = "greedy search" if beam == 1 else f"beam {beam}"
     setup = [
         f"- Data: LibreOffice help (Debian packages, MPL-2.0), English <-> {langs.replace(',', ', ')}: "
         f"{len(directions(langs))} directions, {train_pairs} training pairs (each used in both directions), "
