@@ -43,3 +43,11 @@ def test_main_job_ci_preset(tmp_path):
         assert heading in report
     for name in ("quality_vs_pruning.png", "size_vs_quality.png", "expert_usage.png"):
         assert (sweep / name).read_bytes().startswith(PNG)
+
+
+def test_a_bad_ratio_is_refused_before_any_work(tmp_path):
+    result = run_cli([sys.executable, str(REPO / "examples/libreoffice_help/run.py"), "--ratio", "3",
+                      "--work", str(tmp_path / "work")], check=False)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == "run.py: error: an encoder:decoder ratio looks like 3:1, got '3'"
+    assert not (tmp_path / "work").exists()

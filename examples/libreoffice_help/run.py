@@ -190,6 +190,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="encoder:decoder experts per MoE layer (NLLB used 3:1 with 128 experts per layer; "
                              "with 16, 1:1 keeps the two experts top-2 routing needs in every layer longest)")
     args = parser.parse_args(argv)
+    from fairseq_moe_prune.ranking import SelectionError, parse_ratio  # imports fairseq, as the sweep does later
+
+    try:
+        parse_ratio(args.ratio)  # now, not after training
+    except SelectionError as error:
+        parser.error(str(error))
     preset = PRESETS[args.preset]
     langs, beam = str(preset["langs"]), int(preset["beam"])
     work = args.work.resolve()
