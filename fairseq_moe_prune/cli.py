@@ -70,6 +70,18 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}" + (f" ({len(paths)} files)" if len(paths) > 1 else ""))
 
 
+def cmd_extract(args: argparse.Namespace) -> None:
+    """Write each task's sub-network of a task-routed MoE, its experts folded into dense FFNs."""
+    from fairseq_moe_prune.checkpoints.extract import extract
+
+    manifest = extract(args.checkpoint, args.out, [t for t in args.task.split(",") if t], fp16=args.fp16,
+                       force=args.force)
+    for task, output in manifest["outputs"].items():
+        loads = "needs --user-dir" if output["user_dir_needed"] else "stock fairseq, no --user-dir"
+        print(f"{args.out}/{output['file']}: {output['arch']} ({loads}), "
+              f"{output['parameters'] / 1e6:.2f} M of {output['source_parameters'] / 1e6:.2f} M parameters")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fairseq-moe-prune", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--max-shard-size", default="5GB", help="largest safetensors file for --to hf (default 5GB)")
     convert.add_argument("--force", action="store_true", help="replace OUT if it exists")
     convert.set_defaults(run=cmd_convert)
+
+    extract = commands.add_parser("extract", help=cmd_extract.__doc__, description=cmd_extract.__doc__)
+    extract.add_argument("checkpoint", help="a checkpoint of a task-routed MoE (--moe-task-routing decoder or both)")
+    extract.add_argument("--task", required=True,
+                         help="comma-separated tasks: a target language (LANG) or a pair (SRC-TGT), as the model routes")
+    extract.add_argument("--out", required=True, help="folder to create with one checkpoint per task")
+    extract.add_argument("--fp16", action="store_true", help="store weights in half precision")
+    extract.add_argument("--force", action="store_true", help="replace --out if it exists")
+    extract.set_defaults(run=cmd_extract)
     return parser
 
 

@@ -7,7 +7,10 @@ of experts, so that a pruned checkpoint describes its own shape.
 
 
 from dataclasses import dataclass, field, fields
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.dataclass.utils import gen_parser_from_dataclass
@@ -20,7 +23,9 @@ from fairseq.models.transformer import (
 )
 from fairseq.models.transformer.transformer_legacy import base_architecture
 
+from fairseq_moe_prune.models import task_routing
 from fairseq_moe_prune.models.layout import moe_layers
+from fairseq_moe_prune.models.task_routing import TaskLookup, TaskSpace
 from fairseq_moe_prune.models.transformer_layers import MoEDecoderLayer, MoEEncoderLayer
 from fairseq_moe_prune.moe.layer import MoELayer
 
@@ -57,6 +62,27 @@ class MoEConfig(FairseqDataclass):
     use_moe_pad_mask: bool = field(default=False, metadata={"help": "padding takes no expert slot"})
     moe_eom: float = field(default=0.0, metadata={"help": "expert output masking rate"})
     moe_top1_expert: bool = field(default=False, metadata={"help": "top-1 instead of top-2 gating"})
+    moe_task_routing: ChoiceEnum(list(task_routing.TASK_ROUTING)) = field(  # type: ignore
+        default="none",
+        metadata={"help": "route by task instead of by token (task-level MoE): in no layer, in the decoder's "
+                          "MoE layers, or in both sides' (the encoder's by source language)"},
+    )
+    moe_task: ChoiceEnum(list(task_routing.TASKS)) = field(  # type: ignore
+        default="target", metadata={"help": "the decoder's task: the target language or the language pair"}
+    )
+    moe_task_langs: Optional[str] = field(
+        default=None, metadata={"help": "task routing: the languages, in task-id order (default: --langs)"}
+    )
+    moe_task_pairs: Optional[str] = field(
+        default=None, metadata={"help": "task routing: the trained pairs, in task-id order (default: --lang-pairs)"}
+    )
+
+
+def task_embedding(cfg: Any, side: str, embed_dim: int) -> Optional[nn.Embedding]:
+    """The learned task embedding a task-routed side's gates see (None where the side routes by token)."""
+    if not task_routing.routes_by_task(cfg, side) or not any(spec.side == side for spec in moe_layers(cfg)):
+        return None
+    return nn.Embedding(TaskSpace.from_config(cfg).num_tasks(side), embed_dim)
 
 
 class MoETransformerEncoder(TransformerEncoderBase):
@@ -65,6 +91,54 @@ class MoETransformerEncoder(TransformerEncoderBase):
         for spec in moe_layers(cfg):
             if spec.side == "encoder":
                 self.layers[spec.layer] = MoEEncoderLayer(cfg, spec.num_experts)
+        self.moe_task_embed = task_embedding(cfg, "encoder", cfg.encoder.embed_dim)
+        # the source language is needed by a task-routed encoder, and by a decoder that routes by pair
+        needs_source = self.moe_task_embed is not None or (
+            task_routing.routes_by_task(cfg, "decoder") and TaskSpace.from_config(cfg).task == "pair")
+        self.task_lookup = TaskLookup(TaskSpace.from_config(cfg), dictionary) if needs_source else None
+
+    def forward_scriptable(self, src_tokens, src_lengths: Optional[Tensor] = None, return_all_hiddens: bool = False,
+                           token_embeddings: Optional[Tensor] = None):
+        """fairseq's encoder forward; with task routing the MoE layers also get each sentence's task
+        embedding, and the output carries the source languages for a decoder that routes by pair."""
+        if self.task_lookup is None:
+            return super().forward_scriptable(src_tokens, src_lengths, return_all_hiddens, token_embeddings)
+        source_langs = self.task_lookup.source_langs(src_tokens)
+        task_states = self.moe_task_embed(source_langs) if self.moe_task_embed is not None else None
+        encoder_padding_mask = src_tokens.eq(self.padding_idx)
+        has_pads = bool(encoder_padding_mask.any())
+        x, encoder_embedding = self.forward_embedding(src_tokens, token_embeddings)
+        if has_pads:
+            x = x * (1 - encoder_padding_mask.unsqueeze(-1).type_as(x))
+        x = x.transpose(0, 1)  # B x T x C -> T x B x C
+        layer_mask = encoder_padding_mask if has_pads else None
+        encoder_states = [x] if return_all_hiddens else []
+        for layer in self.layers:
+            if isinstance(layer, MoEEncoderLayer):
+                x = layer(x, layer_mask, task_states=task_states)
+            else:
+                x = layer(x, encoder_padding_mask=layer_mask)
+            if return_all_hiddens:
+                encoder_states.append(x)
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        src_lengths = src_tokens.ne(self.padding_idx).sum(dim=1, dtype=torch.int32).reshape(-1, 1).contiguous()
+        return {
+            "encoder_out": [x],
+            "encoder_padding_mask": [encoder_padding_mask],
+            "encoder_embedding": [encoder_embedding],
+            "encoder_states": encoder_states,
+            "fc_results": [],
+            "src_tokens": [],
+            "src_lengths": [src_lengths],
+            "moe_source_langs": [source_langs],
+        }
+
+    def reorder_encoder_out(self, encoder_out: Dict[str, List[Tensor]], new_order):
+        reordered = super().reorder_encoder_out(encoder_out, new_order)
+        if encoder_out.get("moe_source_langs"):
+            reordered["moe_source_langs"] = [encoder_out["moe_source_langs"][0].index_select(0, new_order)]
+        return reordered
 
 
 class MoETransformerDecoder(TransformerDecoderBase):
@@ -73,6 +147,70 @@ class MoETransformerDecoder(TransformerDecoderBase):
         for spec in moe_layers(cfg):
             if spec.side == "decoder":
                 self.layers[spec.layer] = MoEDecoderLayer(cfg, spec.num_experts, no_encoder_attn)
+        self.moe_task_embed = task_embedding(cfg, "decoder", cfg.decoder.embed_dim)
+        self.task_lookup = TaskLookup(TaskSpace.from_config(cfg), dictionary) if self.moe_task_embed is not None else None
+
+    def extract_features_scriptable(self, prev_output_tokens, encoder_out: Optional[Dict[str, List[Tensor]]],
+                                    incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
+                                    full_context_alignment: bool = False, alignment_layer: Optional[int] = None,
+                                    alignment_heads: Optional[int] = None):
+        """fairseq's decoder forward; with task routing the MoE layers also get each sentence's task
+        embedding, read from the first input token, which fairseq's generator passes at every step."""
+        if self.task_lookup is None:
+            return super().extract_features_scriptable(prev_output_tokens, encoder_out, incremental_state,
+                                                       full_context_alignment, alignment_layer, alignment_heads)
+        source_langs = encoder_out["moe_source_langs"][0] if encoder_out and encoder_out.get("moe_source_langs") else None
+        task_states = self.moe_task_embed(self.task_lookup.decoder_tasks(prev_output_tokens, source_langs))
+        if alignment_layer is None:
+            alignment_layer = self.num_layers - 1
+        enc = encoder_out["encoder_out"][0] if encoder_out is not None and encoder_out["encoder_out"] else None
+        padding_mask = (encoder_out["encoder_padding_mask"][0]
+                        if encoder_out is not None and encoder_out["encoder_padding_mask"] else None)
+        positions = None
+        if self.embed_positions is not None:
+            positions = self.embed_positions(prev_output_tokens, incremental_state=incremental_state)
+        if incremental_state is not None:
+            prev_output_tokens = prev_output_tokens[:, -1:]
+            if positions is not None:
+                positions = positions[:, -1:]
+        prev_output_tokens = prev_output_tokens.contiguous()
+        x = self.embed_scale * self.embed_tokens(prev_output_tokens)
+        if self.quant_noise is not None:
+            x = self.quant_noise(x)
+        if self.project_in_dim is not None:
+            x = self.project_in_dim(x)
+        if positions is not None:
+            x += positions
+        if self.layernorm_embedding is not None:
+            x = self.layernorm_embedding(x)
+        x = self.dropout_module(x)
+        x = x.transpose(0, 1)  # B x T x C -> T x B x C
+        self_attn_padding_mask: Optional[Tensor] = None
+        if self.cross_self_attention or prev_output_tokens.eq(self.padding_idx).any():
+            self_attn_padding_mask = prev_output_tokens.eq(self.padding_idx)
+
+        attn: Optional[Tensor] = None
+        inner_states: List[Optional[Tensor]] = [x]
+        for idx, layer in enumerate(self.layers):
+            self_attn_mask = self.buffered_future_mask(x) if incremental_state is None and not full_context_alignment else None
+            extra = {"task_states": task_states} if isinstance(layer, MoEDecoderLayer) else {}
+            x, layer_attn, _ = layer(x, enc, padding_mask, incremental_state, self_attn_mask=self_attn_mask,
+                                     self_attn_padding_mask=self_attn_padding_mask,
+                                     need_attn=bool(idx == alignment_layer),
+                                     need_head_weights=bool(idx == alignment_layer), **extra)
+            inner_states.append(x)
+            if layer_attn is not None and idx == alignment_layer:
+                attn = layer_attn.float().to(x)
+        if attn is not None:
+            if alignment_heads is not None:
+                attn = attn[:alignment_heads]
+            attn = attn.mean(dim=0)  # average probabilities over heads
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        x = x.transpose(0, 1)  # T x B x C -> B x T x C
+        if self.project_out_dim is not None:
+            x = self.project_out_dim(x)
+        return x, {"attn": [attn], "inner_states": inner_states}
 
 
 @register_model("moe_transformer")
@@ -88,6 +226,7 @@ class MoETransformerModel(TransformerModel):
     def build_model(cls, args, task):
         moe_base_architecture(args)
         moe_layers(args)  # fail early, with a clear message, on inconsistent MoE fields
+        task_routing.configure(args, task)
         return super().build_model(args, task)
 
     @classmethod

@@ -20,9 +20,9 @@ from fairseq_moe_prune.models.layout import MoEConfigError
 from fairseq_moe_prune.moe.layer import GateOptions, MoELayer
 
 
-def build_moe_layer(cfg: Any, embed_dim: int, ffn_dim: int, num_experts: int) -> MoELayer:
-    """An MoE block configured from the model config's NLLB fields."""
-    options = GateOptions(
+def gate_options(cfg: Any) -> GateOptions:
+    """The gating flags of a model config's NLLB fields."""
+    return GateOptions(
         top1=bool(utils.safe_getattr(cfg, "moe_top1_expert", False)),
         use_fp32=bool(utils.safe_getattr(cfg, "moe_gating_use_fp32", False)),
         second_expert_policy=str(utils.safe_getattr(cfg, "moe_second_expert_policy", "sampling")),
@@ -37,6 +37,11 @@ def build_moe_layer(cfg: Any, embed_dim: int, ffn_dim: int, num_experts: int) ->
         ),
         use_pad_mask=bool(utils.safe_getattr(cfg, "use_moe_pad_mask", False)),
     )
+
+
+def build_moe_layer(cfg: Any, embed_dim: int, ffn_dim: int, num_experts: int) -> MoELayer:
+    """An MoE block configured from the model config's NLLB fields."""
+    options = gate_options(cfg)
     activation_dropout = cfg.activation_dropout or utils.safe_getattr(cfg, "relu_dropout", 0) or 0
     return MoELayer(
         embed_dim,
@@ -61,14 +66,16 @@ def residual_block(layer: Any, layer_norm: Any, x: Tensor, sublayer: Callable[[T
     return x
 
 
-def moe_feed_forward(layer: Any, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+def moe_feed_forward(layer: Any, x: Tensor, padding_mask: Optional[Tensor], task_states: Optional[Tensor] = None) -> Tensor:
     """The FFN sub-block with the MoE in place of fc1/fc2.
 
     ``x`` is (time, batch, dim) as everywhere in fairseq; the MoE sees tokens batch-major,
-    as NLLB's does, which fixes the order in which tokens take expert capacity.
+    as NLLB's does, which fixes the order in which tokens take expert capacity. ``task_states``
+    (batch, dim), when given, route each sentence by its task.
     """
     return residual_block(
-        layer, layer.final_layer_norm, x, lambda h: layer.moe_layer(h.transpose(0, 1), padding_mask).transpose(0, 1)
+        layer, layer.final_layer_norm, x,
+        lambda h: layer.moe_layer(h.transpose(0, 1), padding_mask, task_states).transpose(0, 1),
     )
 
 
@@ -84,7 +91,8 @@ class MoEEncoderLayer(TransformerEncoderLayerBase):
         return None
 
     def forward(
-        self, x: Tensor, encoder_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor] = None
+        self, x: Tensor, encoder_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor] = None,
+        task_states: Optional[Tensor] = None,
     ) -> Tensor:
         if attn_mask is not None:
             attn_mask = attn_mask.masked_fill(
@@ -98,7 +106,7 @@ class MoEEncoderLayer(TransformerEncoderLayerBase):
                 query=h, key=h, value=h, key_padding_mask=encoder_padding_mask, need_weights=False, attn_mask=attn_mask
             )[0],
         )
-        return moe_feed_forward(self, x, encoder_padding_mask)
+        return moe_feed_forward(self, x, encoder_padding_mask, task_states)
 
 
 class MoEDecoderLayer(TransformerDecoderLayerBase):
@@ -125,6 +133,7 @@ class MoEDecoderLayer(TransformerDecoderLayerBase):
         self_attn_padding_mask: Optional[Tensor] = None,
         need_attn: bool = False,
         need_head_weights: bool = False,
+        task_states: Optional[Tensor] = None,
     ):
         need_attn = need_attn or need_head_weights
         attn: List[Optional[Tensor]] = [None]
@@ -150,4 +159,4 @@ class MoEDecoderLayer(TransformerDecoderLayerBase):
                                  need_weights=need_attn or (not self.training and self.need_attn),
                                  need_head_weights=need_head_weights),
             )
-        return moe_feed_forward(self, x, self_attn_padding_mask), attn[0], None
+        return moe_feed_forward(self, x, self_attn_padding_mask, task_states), attn[0], None

@@ -182,3 +182,74 @@ def top1gating(
         weights=weight[:, None].to(out_dtype),
         l_aux=l_aux,
     )
+
+
+def task_gating(
+    logits: Tensor,
+    *,
+    top1: bool = False,
+    use_fp32: bool = False,
+    second_expert_policy: str = "sampling",
+    normalize_gate_prob_before_dropping: bool = False,
+    training: bool = False,
+) -> Routing:
+    """Route each of B sentences by its task: ``logits`` (B, E) come from the sentence's task embedding.
+
+    Task-level MoE (Kudugunta et al. 2021): every token of a sentence goes to its task's experts, so
+    nothing is dropped for capacity and, at inference, the choice is deterministic (argmax; the second
+    expert is sampled only in training), which makes a task's sub-network a fixed set of experts with
+    fixed weights. The load-balancing loss is GShard's over the B sentences, not over tokens.
+    """
+    if second_expert_policy not in SECOND_EXPERT_POLICIES:
+        raise ValueError(f"unknown second expert policy {second_expert_policy!r}")
+    out_dtype = logits.dtype
+    logits, probs = gate_probabilities(logits, use_fp32)
+    num_experts = probs.shape[1]
+    top1_ids = probs.argmax(dim=1)
+    top1_mask = F.one_hot(top1_ids, num_experts)
+    l_aux = load_balancing_loss(probs, top1_mask)
+    gate1 = probs.gather(1, top1_ids[:, None]).squeeze(1)
+    if top1:
+        return Routing(probs=probs, experts=top1_ids[:, None], weights=gate1[:, None].to(out_dtype), l_aux=l_aux)
+
+    second_logits = logits
+    if training and second_expert_policy == "sampling":
+        gumbel = torch.distributions.gumbel.Gumbel(
+            torch.tensor(0.0, device=logits.device), torch.tensor(1.0, device=logits.device)
+        )
+        second_logits = logits + gumbel.rsample(logits.shape).to(logits.dtype)
+    top2_ids = second_logits.masked_fill(top1_mask.bool(), float("-inf")).argmax(dim=1)
+    gate2 = probs.gather(1, top2_ids[:, None]).squeeze(1)
+    kept2 = torch.ones_like(gate2)
+    if training and second_expert_policy == "random":
+        kept2 = (2 * gate2 > torch.rand_like(gate2)).to(gate2.dtype)
+    if normalize_gate_prob_before_dropping:
+        denom = torch.clamp(gate1 + gate2, min=torch.finfo(gate1.dtype).eps)
+        weight1, weight2 = gate1 / denom, gate2 / denom * kept2
+    else:
+        weight1, weight2 = gate1, gate2 * kept2
+        denom = torch.clamp(weight1 + weight2, min=torch.finfo(weight1.dtype).eps)
+        weight1, weight2 = weight1 / denom, weight2 / denom
+    return Routing(
+        probs=probs,
+        experts=torch.stack([top1_ids, top2_ids], dim=1),
+        weights=torch.stack([weight1, weight2], dim=1).to(out_dtype),
+        l_aux=l_aux,
+    )
+
+
+def broadcast_routing(routing: Routing, tokens_per_sentence: int, padding_mask: Optional[Tensor] = None) -> Routing:
+    """A per-sentence routing repeated for each of the sentence's tokens (batch-major flat order).
+
+    ``padding_mask`` (B * T,) zeroes the weights of padding tokens (NLLB's ``use_moe_pad_mask``); the
+    load-balancing loss stays the per-sentence one.
+    """
+    weights = routing.weights.repeat_interleave(tokens_per_sentence, dim=0)
+    if padding_mask is not None:
+        weights = weights * (~padding_mask)[:, None].to(weights.dtype)
+    return Routing(
+        probs=routing.probs.repeat_interleave(tokens_per_sentence, dim=0),
+        experts=routing.experts.repeat_interleave(tokens_per_sentence, dim=0),
+        weights=weights,
+        l_aux=routing.l_aux,
+    )

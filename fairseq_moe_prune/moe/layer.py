@@ -14,7 +14,7 @@ from fairseq import utils
 from fairseq.modules.fairseq_dropout import FairseqDropout
 from torch import Tensor
 
-from fairseq_moe_prune.moe.gate import Routing, top1gating, top2gating
+from fairseq_moe_prune.moe.gate import Routing, broadcast_routing, task_gating, top1gating, top2gating
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,19 @@ class Gate(nn.Module):
             eval_capacity_token_fraction=opts.eval_capacity_token_fraction,
             batch_prioritized_routing=opts.batch_prioritized_routing,
         )
+
+    def route_tasks(self, task_states: Tensor, tokens_per_sentence: int, padding_mask: Optional[Tensor]) -> Routing:
+        """Task routing: the gate sees each sentence's task embedding (B, dim) instead of its tokens."""
+        opts = self.options
+        routing = task_gating(
+            self.wg(task_states),
+            top1=opts.top1,
+            use_fp32=opts.use_fp32,
+            second_expert_policy=opts.second_expert_policy,
+            normalize_gate_prob_before_dropping=opts.normalize_gate_prob_before_dropping,
+            training=self.training,
+        )
+        return broadcast_routing(routing, tokens_per_sentence, padding_mask)
 
 
 class Expert(nn.Module):
@@ -120,13 +133,17 @@ class MoELayer(nn.Module):
     def num_experts(self) -> int:
         return len(self.experts)
 
-    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
-        """``x``: (batch, time, dim); ``padding_mask``: (batch, time), True at padding."""
+    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None, task_states: Optional[Tensor] = None) -> Tensor:
+        """``x``: (batch, time, dim); ``padding_mask``: (batch, time), True at padding; ``task_states``
+        (batch, dim): each sentence's task embedding, given when the layer routes by task."""
         batch, time, dim = x.shape
         tokens = x.reshape(-1, dim)
         flat_padding = padding_mask.reshape(-1) if padding_mask is not None else None
         gate_padding = flat_padding if self.gate.options.use_pad_mask else None
-        routing = self.gate(tokens, gate_padding)
+        if task_states is None:
+            routing = self.gate(tokens, gate_padding)
+        else:
+            routing = self.gate.route_tasks(task_states, time, gate_padding)
         self.l_aux = routing.l_aux
         combined, dispatch = self.dispatch_and_combine(tokens, routing, with_norms=self.observer is not None)
         if self.observer is not None:

@@ -121,3 +121,36 @@ def test_top1_weight_is_the_gate_probability_and_capacity_is_one_share():
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError):
         top2gating(torch.zeros(2, 4), second_expert_policy="best")
+
+
+def test_task_gating_routes_each_sentence_by_its_task_and_balances_over_sentences():
+    from fairseq_moe_prune.moe.gate import broadcast_routing, load_balancing_loss, task_gating
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, 0.0], [0.0, 0.0, 3.0, 1.0], [2.0, 1.0, 0.0, 0.0]])  # tasks a, b, a
+    routing = task_gating(logits, second_expert_policy="sampling", training=False)  # no sampling at inference
+    assert routing.experts.tolist() == [[0, 1], [2, 3], [0, 1]]
+    torch.testing.assert_close(routing.weights[1], torch.tensor([sigmoid(2), sigmoid(-2)]))
+    # the loss is GShard's over the 3 sentences: 2 of them choose expert 0 first, 1 chooses expert 2
+    probs = torch.softmax(logits, dim=1)
+    expected = (probs.mean(0) * torch.tensor([2 / 3, 0, 1 / 3, 0])).mean() * 16
+    torch.testing.assert_close(routing.l_aux, expected)
+    torch.testing.assert_close(routing.l_aux, load_balancing_loss(probs, torch.eye(4)[[0, 2, 0]]))
+
+    padding = torch.tensor([False, False, True, False, False, False, True, True, False])  # 3 sentences x 3 tokens
+    tokens = broadcast_routing(routing, 3, padding)
+    assert tokens.experts.tolist() == [[0, 1]] * 3 + [[2, 3]] * 3 + [[0, 1]] * 3  # every token: its sentence's
+    assert tokens.weights[padding].abs().sum() == 0 and bool((tokens.weights[~padding] > 0).all())
+    assert tokens.l_aux is routing.l_aux
+
+
+def test_task_gating_samples_the_second_expert_only_in_training():
+    from fairseq_moe_prune.moe.gate import task_gating
+
+    torch.manual_seed(0)
+    logits = torch.zeros(200, 8)
+    logits[:, 0] = 5.0
+    assert set(task_gating(logits, training=False).experts[:, 1].tolist()) == {1}
+    assert set(task_gating(logits, training=True).experts[:, 1].tolist()) == set(range(1, 8))
+    top1 = task_gating(logits, top1=True)
+    assert top1.experts.tolist() == [[0]] * 200
+    torch.testing.assert_close(top1.weights[:, 0], torch.softmax(logits, 1)[:, 0])

@@ -1,0 +1,285 @@
+"""A task's sub-network of a task-level MoE, folded into dense FFNs (``fairseq-moe-prune extract``).
+
+For a given task a task-routed layer always runs the same experts with the same weights: its output
+is ``c1 * f1(x) + c2 * f2(x)`` with ``c = w * (1 - eom)`` (NLLB's expert output masking scales every
+output at inference), which is exactly one dense FFN of the summed width: fc1 rows stacked, fc2
+columns scaled by c, fc2 bias ``c1 * b1 + c2 * b2``. Task-routed layers never drop tokens for
+capacity (see ``moe.gate.task_gating``), so there is nothing else to fold.
+
+Where every MoE layer routes by task, the result is a plain fairseq ``transformer`` checkpoint that
+stock fairseq loads without ``--user-dir``. fairseq's transformer has one FFN width per side, so the
+side's dense layers are padded with zero units to the folded width (exact: a zero unit adds
+``0 * act(0) = 0``). Where the encoder routes by token, the result keeps this plugin's
+``moe_transformer`` with the encoder's MoE layers as they are and a dense decoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+from dataclasses import dataclass, fields
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fairseq_moe_prune.checkpoints.layouts import MoECheckpoint, open_checkpoint
+from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
+from fairseq_moe_prune.checkpoints.streaming import Entry, materialize
+from fairseq_moe_prune.checkpoints.surgery import PrunedCheckpoint, save_single, staged_directory
+from fairseq_moe_prune.files import atomic_open
+from fairseq_moe_prune.models.layout import MoEConfigError, MoELayerSpec, config_value
+from fairseq_moe_prune.models.task_routing import TaskSpace, routes_by_task, split_pair, task_routing
+from fairseq_moe_prune.moe.gate import task_gating
+from fairseq_moe_prune.moe.layer import GateOptions
+
+LANGUAGE = re.compile(r"^[A-Za-z0-9_]+$")
+FFN_NAMES = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+
+
+class ExtractError(CheckpointError):
+    """A sub-network cannot be extracted; the message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class Fold:
+    """A task-routed layer for one task: the experts it runs and the factor each output gets."""
+
+    experts: List[int]
+    factors: List[float]  # combine weight x (1 - eom)
+
+
+def as_namespace(config: Any) -> argparse.Namespace:
+    return argparse.Namespace(**config) if isinstance(config, dict) else argparse.Namespace(**vars(config))
+
+
+def parse_task(text: str, space: TaskSpace, encoder_routed: bool) -> Tuple[Optional[str], str]:
+    """``LANG`` or ``SRC-TGT`` -> (source or None, target), every language known and trained in its role."""
+    source, target = split_pair(text) if "-" in text else (None, text)
+    for lang in (source, target):
+        if lang is not None and not LANGUAGE.match(lang):
+            raise ExtractError(f"not a language name: {lang!r}")
+    if source is None and (encoder_routed or space.task == "pair"):
+        what = "the encoder routes by source language" if encoder_routed else "the decoder routes by language pair"
+        raise ExtractError(f"{text}: {what}; name the task as SRC-TGT")
+    try:
+        space.task_id("decoder", source, target)
+        if source is not None:
+            space.task_id("encoder", source, target)
+    except MoEConfigError as error:
+        raise ExtractError(f"{text}: {error}") from None
+    return source, target
+
+
+def task_fold(gate_weight: Tensor, task_row: Tensor, options: GateOptions, eom: float) -> Fold:
+    """The experts and factors a task-routed gate gives one task, computed as the model computes them."""
+    routing = task_gating(
+        F.linear(task_row[None], gate_weight),
+        top1=options.top1,
+        use_fp32=options.use_fp32,
+        second_expert_policy=options.second_expert_policy,
+        normalize_gate_prob_before_dropping=options.normalize_gate_prob_before_dropping,
+        training=False,
+    )
+    experts = [int(e) for e in routing.experts[0]]
+    factors = [float(w) * (1 - eom) for w in routing.weights[0]]
+    return Fold([e for e, c in zip(experts, factors) if c != 0], [c for c in factors if c != 0])
+
+
+def fold_ffn(experts: List[Mapping[str, Tensor]], factors: List[float]) -> Dict[str, Tensor]:
+    """One dense FFN computing sum_j factors[j] * expert_j(x)."""
+    dtype = experts[0]["fc2.weight"].dtype
+    fc2_weight = torch.cat([e["fc2.weight"].float() * c for e, c in zip(experts, factors)], dim=1)
+    fc2_bias = sum(e["fc2.bias"].float() * c for e, c in zip(experts, factors))
+    return {
+        "fc1.weight": torch.cat([e["fc1.weight"] for e in experts], dim=0),
+        "fc1.bias": torch.cat([e["fc1.bias"] for e in experts], dim=0),
+        "fc2.weight": fc2_weight.to(dtype),
+        "fc2.bias": fc2_bias.to(dtype),
+    }
+
+
+def pad_ffn(ffn: Mapping[str, Tensor], width: int) -> Dict[str, Tensor]:
+    """The same FFN with zero units added up to ``width`` (exact: they contribute 0 * act(0))."""
+    extra = width - ffn["fc1.weight"].shape[0]
+    if extra == 0:
+        return dict(ffn)
+    return {
+        "fc1.weight": torch.cat([ffn["fc1.weight"], ffn["fc1.weight"].new_zeros(extra, ffn["fc1.weight"].shape[1])]),
+        "fc1.bias": torch.cat([ffn["fc1.bias"], ffn["fc1.bias"].new_zeros(extra)]),
+        "fc2.weight": torch.cat([ffn["fc2.weight"], ffn["fc2.weight"].new_zeros(ffn["fc2.weight"].shape[0], extra)], 1),
+        "fc2.bias": ffn["fc2.bias"],
+    }
+
+
+def moe_field_names() -> List[str]:
+    from fairseq_moe_prune.models.moe_transformer import MoEConfig
+
+    return [f.name for f in fields(MoEConfig)]
+
+
+def set_value(config: Any, name: str, value: Any) -> None:
+    if isinstance(config, dict):
+        config[name] = value
+    else:
+        setattr(config, name, value)
+
+
+def dense_config(config: Any, widths: Mapping[str, int]) -> Dict[str, Any]:
+    """fairseq's plain ``transformer`` config (a dict: stock fairseq unpickles no Namespace)."""
+    values = dict(config) if isinstance(config, dict) else dict(vars(config))
+    for name in moe_field_names():
+        values.pop(name, None)
+    values.update(_name="transformer", arch="transformer", user_dir=None,
+                  encoder_ffn_embed_dim=widths["encoder"], decoder_ffn_embed_dim=widths["decoder"])
+    return values
+
+
+def moe_config(config: Any, specs: List[MoELayerSpec], widths: Mapping[str, int]) -> Any:
+    """This plugin's config with the encoder's MoE layers only (the decoder folded into dense layers)."""
+    config = copy.copy(config)
+    encoder = [spec for spec in specs if spec.side == "encoder"]
+    freq = max(int(config_value(config, "encoder_moe_freq", 0)), int(config_value(config, "moe_freq", 0)))
+    for name, value in {"moe_freq": 0, "encoder_moe_freq": freq, "decoder_moe_freq": 0,
+                        "encoder_moe_expert_counts": ",".join(str(s.num_experts) for s in encoder),
+                        "decoder_moe_expert_counts": None, "moe_task_routing": "none",
+                        "moe_task_langs": None, "moe_task_pairs": None,
+                        "decoder_ffn_embed_dim": widths["decoder"]}.items():
+        set_value(config, name, value)
+    return config
+
+
+def plain_state(state: Mapping[str, Any]) -> Dict[str, Any]:
+    """The checkpoint's other entries with every Namespace a dict, and no plugin left in them."""
+    out = {key: value for key, value in state.items() if key not in ("model", "last_optimizer_state")}
+    if out.get("args") is not None:
+        out["cfg"] = {"model": dict(vars(out["args"])), "task": dict(vars(out["args"]))}
+        out["args"] = None
+    cfg = dict(out.get("cfg") or {})
+    for name, value in cfg.items():
+        if isinstance(value, argparse.Namespace):
+            cfg[name] = dict(vars(value))
+    if isinstance(cfg.get("common"), dict):
+        cfg["common"] = dict(cfg["common"], user_dir=None)
+    out["cfg"] = cfg
+    out["criterion"] = None
+    return out
+
+
+@dataclass
+class Extracted:
+    pruned: PrunedCheckpoint
+    form: str  # "transformer" (plain fairseq) or "moe_transformer" (this plugin, encoder MoE kept)
+    folds: Dict[str, Fold]
+    widths: Dict[str, int]
+
+
+def extract_task(checkpoint: MoECheckpoint, source: Optional[str], target: str) -> Extracted:
+    """The sub-network of one task: task-routed layers folded, the rest as it is."""
+    config = checkpoint.config
+    space = TaskSpace.from_config(config)
+    options = _gate_options(config)
+    eom = float(config_value(config, "moe_eom", 0.0))
+    weights = checkpoint.state["model"]
+    folded_specs = [spec for spec in checkpoint.specs if routes_by_task(config, spec.side)]
+    kept_specs = [spec for spec in checkpoint.specs if not routes_by_task(config, spec.side)]
+
+    folds: Dict[str, Fold] = {}
+    ffns: Dict[str, Dict[str, Tensor]] = {}  # "{side}.layers.{i}" -> FFN tensors
+    for spec in folded_specs:
+        task = space.task_id(spec.side, source, target)
+        task_row = weights[f"{spec.side}.moe_task_embed.weight"][task]
+        fold = task_fold(weights[f"{spec.prefix}.gate.wg.weight"], task_row, options, eom)
+        experts = {expert: materialize(tensors) for _, expert, tensors in checkpoint.experts({spec.prefix: fold.experts})}
+        folds[spec.prefix] = fold
+        ffns[f"{spec.side}.layers.{spec.layer}"] = fold_ffn([experts[e] for e in fold.experts], fold.factors)
+
+    dense_layers = {key.rsplit(".fc1.weight", 1)[0] for key in weights if re.match(r"^(en|de)coder\.layers\.\d+\.fc1\.weight$", key)}
+    widths: Dict[str, int] = {}
+    for side in ("encoder", "decoder"):
+        side_widths = [ffn["fc1.weight"].shape[0] for layer, ffn in ffns.items() if layer.startswith(side)]
+        side_widths += [weights[f"{layer}.fc1.weight"].shape[0] for layer in dense_layers if layer.startswith(side)]
+        widths[side] = max(side_widths)
+
+    model: Dict[str, Entry] = {}
+    for key, value in weights.items():
+        match = re.match(r"^((?:en|de)coder\.layers\.\d+)\.(fc1\.weight|moe_layer\.gate\.wg\.weight)$", key)
+        if key.endswith(".moe_task_embed.weight") or re.search(r"\.moe_layer\.experts\.\d+\.", key):
+            continue
+        if match is None:
+            if not re.match(r"^(?:en|de)coder\.layers\.\d+\.fc[12]\.(weight|bias)$", key):
+                model[key] = value
+            continue
+        layer, side = match.group(1), match.group(1).split(".")[0]
+        if match.group(2) == "fc1.weight":  # a dense layer: padded to its side's width
+            ffn = pad_ffn({name: weights[f"{layer}.{name}"] for name in FFN_NAMES}, widths[side])
+        elif layer in ffns:  # a task-routed MoE layer: folded
+            ffn = pad_ffn(ffns[layer], widths[side])
+        else:  # a token-routed MoE layer: kept whole
+            prefix = f"{layer}.moe_layer"
+            model[key] = value
+            spec = next(s for s in kept_specs if s.prefix == prefix)
+            for _, expert, tensors in checkpoint.experts({prefix: list(range(spec.num_experts))}):
+                for name, tensor in tensors.items():
+                    model[f"{prefix}.experts.{expert}.{name}"] = tensor
+            continue
+        for name in FFN_NAMES:
+            model[f"{layer}.{name}"] = ffn[name]
+
+    state = plain_state(checkpoint.state) if not kept_specs else {
+        key: value for key, value in checkpoint.state.items() if key not in ("model", "last_optimizer_state")}
+    if kept_specs:
+        new_config = moe_config(config, checkpoint.specs, widths)
+        if state.get("cfg") is not None and state["cfg"].get("model") is not None:
+            state["cfg"] = dict(state["cfg"], model=new_config)
+        else:
+            state["args"] = new_config
+    else:
+        state["cfg"]["model"] = dense_config(config, widths)
+    return Extracted(PrunedCheckpoint(state, model), "moe_transformer" if kept_specs else "transformer", folds, widths)
+
+
+def _gate_options(config: Any) -> GateOptions:
+    from fairseq_moe_prune.models.transformer_layers import gate_options
+
+    return gate_options(as_namespace(config))
+
+
+def extract(checkpoint_path: str, out_dir: str, tasks: List[str], fp16: bool = False,
+            force: bool = False) -> Dict[str, Any]:
+    """Write one checkpoint per task (``LANG`` or ``SRC-TGT``) into ``out_dir`` (created whole, or not at all)."""
+    if os.path.exists(out_dir) and not force:
+        raise ExtractError(f"{out_dir} exists (use --force to replace it)")
+    checkpoint = open_checkpoint(checkpoint_path)
+    config = checkpoint.config
+    if task_routing(config) == "none":
+        raise ExtractError(f"{checkpoint_path}: the model routes by token (moe_task_routing none): "
+                           "only a task-routed MoE has a fixed sub-network per task")
+    space = TaskSpace.from_config(config)
+    if not tasks or len(set(tasks)) != len(tasks):
+        raise ExtractError("name each task once: --task LANG_OR_PAIR[,...]")
+    parsed = {task: parse_task(task, space, routes_by_task(config, "encoder")) for task in tasks}
+    total = sum(int(t.numel()) for k, t in checkpoint.state["model"].items())
+    manifest: Dict[str, Any] = {"source_checkpoint": os.path.abspath(checkpoint_path), "outputs": {}}
+    with staged_directory(out_dir, force) as staging:
+        for task, (source, target) in parsed.items():
+            extracted = extract_task(checkpoint, source, target)
+            save_single(extracted.pruned, os.path.join(staging, f"{task}.pt"), fp16)
+            parameters = sum(int(torch.Size(t.shape).numel()) for t in extracted.pruned.model.values())
+            manifest["outputs"][task] = {
+                "file": f"{task}.pt",
+                "arch": extracted.form,
+                "user_dir_needed": extracted.form != "transformer",
+                "ffn_widths": extracted.widths,
+                "parameters": parameters,
+                "source_parameters": total,
+                "layers": {prefix: {"experts": fold.experts, "factors": [round(c, 8) for c in fold.factors]}
+                           for prefix, fold in extracted.folds.items()},
+            }
+        with atomic_open(os.path.join(staging, "manifest.json"), "w") as f:
+            f.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return manifest
