@@ -117,10 +117,11 @@ def prepare_data(work: Path, preset: Dict[str, object]) -> Path:
     return data
 
 
-def train(work: Path, data: Path, preset: Dict[str, object]) -> Path:
+def train(work: Path, data: Path, preset: Dict[str, object], model_dir: str = "model",
+          extra_args: Sequence[str] = ()) -> Path:
     """fairseq-train to a fixed number of updates. An interrupted run resumes from its last saved
     checkpoint (fairseq's own --restore-file default); ``trained`` marks a finished one."""
-    checkpoint, finished = work / "model" / "checkpoint_last.pt", work / "model" / "trained"
+    checkpoint, finished = work / model_dir / "checkpoint_last.pt", work / model_dir / "trained"
     if finished.exists():
         return checkpoint
     dim, ffn, layers, heads = preset["dims"]  # type: ignore[misc]
@@ -140,8 +141,9 @@ def train(work: Path, data: Path, preset: Dict[str, object]) -> Path:
          "--warmup-updates", str(min(1000, int(preset["updates"]) // 4)), "--clip-norm", "1.0",
          "--max-tokens", str(preset["max_tokens"]), "--max-update", str(preset["updates"]), "--seed", "1",
          "--save-dir", str(checkpoint.parent), "--no-epoch-checkpoints", "--disable-validation",
-         "--log-format", "simple", "--log-interval", "10", "--num-workers", "0"],
-        work / "logs" / "train.log", progress=True, env=MALLOC_ENV,
+         "--log-format", "simple", "--log-interval", "10", "--num-workers", "0", *extra_args],
+        work / "logs" / f"train-{model_dir}.log" if extra_args else work / "logs" / "train.log",
+        progress=True, env=MALLOC_ENV,
     )
     finished.touch()
     return checkpoint

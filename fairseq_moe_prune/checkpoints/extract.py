@@ -176,6 +176,7 @@ class Extracted:
     form: str  # "transformer" (plain fairseq) or "moe_transformer" (this plugin, encoder MoE kept)
     folds: Dict[str, Fold]
     widths: Dict[str, int]
+    zero_padding: int  # parameters added as zero units to reach one FFN width per side
 
 
 def extract_task(checkpoint: MoECheckpoint, source: Optional[str], target: str) -> Extracted:
@@ -206,6 +207,7 @@ def extract_task(checkpoint: MoECheckpoint, source: Optional[str], target: str) 
         widths[side] = max(side_widths)
 
     model: Dict[str, Entry] = {}
+    zero_padding = 0
     for key, value in weights.items():
         match = re.match(r"^((?:en|de)coder\.layers\.\d+)\.(fc1\.weight|moe_layer\.gate\.wg\.weight)$", key)
         if key.endswith(".moe_task_embed.weight") or re.search(r"\.moe_layer\.experts\.\d+\.", key):
@@ -216,9 +218,9 @@ def extract_task(checkpoint: MoECheckpoint, source: Optional[str], target: str) 
             continue
         layer, side = match.group(1), match.group(1).split(".")[0]
         if match.group(2) == "fc1.weight":  # a dense layer: padded to its side's width
-            ffn = pad_ffn({name: weights[f"{layer}.{name}"] for name in FFN_NAMES}, widths[side])
+            ffn = {name: weights[f"{layer}.{name}"] for name in FFN_NAMES}
         elif layer in ffns:  # a task-routed MoE layer: folded
-            ffn = pad_ffn(ffns[layer], widths[side])
+            ffn = ffns[layer]
         else:  # a token-routed MoE layer: kept whole
             prefix = f"{layer}.moe_layer"
             model[key] = value
@@ -227,6 +229,9 @@ def extract_task(checkpoint: MoECheckpoint, source: Optional[str], target: str) 
                 for name, tensor in tensors.items():
                     model[f"{prefix}.experts.{expert}.{name}"] = tensor
             continue
+        width, dim = ffn["fc1.weight"].shape
+        zero_padding += (widths[side] - width) * (2 * dim + 1)
+        ffn = pad_ffn(ffn, widths[side])
         for name in FFN_NAMES:
             model[f"{layer}.{name}"] = ffn[name]
 
@@ -240,7 +245,8 @@ def extract_task(checkpoint: MoECheckpoint, source: Optional[str], target: str) 
             state["args"] = new_config
     else:
         state["cfg"]["model"] = dense_config(config, widths)
-    return Extracted(PrunedCheckpoint(state, model), "moe_transformer" if kept_specs else "transformer", folds, widths)
+    return Extracted(PrunedCheckpoint(state, model), "moe_transformer" if kept_specs else "transformer", folds, widths,
+                     int(zero_padding))
 
 
 def _gate_options(config: Any) -> GateOptions:
@@ -276,6 +282,7 @@ def extract(checkpoint_path: str, out_dir: str, tasks: List[str], fp16: bool = F
                 "user_dir_needed": extracted.form != "transformer",
                 "ffn_widths": extracted.widths,
                 "parameters": parameters,
+                "zero_padding_parameters": extracted.zero_padding,
                 "source_parameters": total,
                 "layers": {prefix: {"experts": fold.experts, "factors": [round(c, 8) for c in fold.factors]}
                            for prefix, fold in extracted.folds.items()},
