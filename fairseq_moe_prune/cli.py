@@ -74,8 +74,8 @@ def cmd_extract(args: argparse.Namespace) -> None:
     """Write each task's sub-network of a task-routed MoE, its experts folded into dense FFNs."""
     from fairseq_moe_prune.checkpoints.extract import extract
 
-    manifest = extract(args.checkpoint, args.out, [t for t in args.task.split(",") if t], fp16=args.fp16,
-                       force=args.force)
+    manifest = extract(args.checkpoint, args.out, [t for t in args.task.split(",") if t],
+                       per_layer=args.per_layer_widths, fp16=args.fp16, force=args.force)
     for task, output in manifest["outputs"].items():
         loads = "needs --user-dir" if output["user_dir_needed"] else "stock fairseq, no --user-dir"
         print(f"{args.out}/{output['file']}: {output['arch']} ({loads}), "
@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--task", required=True,
                          help="comma-separated tasks: a target language (LANG) or a pair (SRC-TGT), as the model routes")
     extract.add_argument("--out", required=True, help="folder to create with one checkpoint per task")
+    extract.add_argument("--per-layer-widths", action="store_true",
+                         help="keep each layer's own FFN width (this plugin's model, needs --user-dir) instead of "
+                              "padding every FFN of a side to one width (a plain fairseq transformer where no MoE "
+                              "layer is left)")
     extract.add_argument("--fp16", action="store_true", help="store weights in half precision")
     extract.add_argument("--force", action="store_true", help="replace --out if it exists")
     extract.set_defaults(run=cmd_extract)

@@ -86,10 +86,16 @@ def pair_routed(task_trained, tmp_path_factory) -> Path:
 
 
 def test_decoder_routed_by_pair_keeps_the_token_routed_encoder_and_translates_alike(corpus, pair_routed, tmp_path):
-    run_cli([*CLI, "extract", str(pair_routed), "--task", "deu_Latn-eng_Latn", "--out", str(tmp_path / "sub")])
+    run_cli([*CLI, "extract", str(pair_routed), "--task", "deu_Latn-eng_Latn", "--out", str(tmp_path / "padded")])
+    padded = load_checkpoint(str(tmp_path / "padded" / "deu_Latn-eng_Latn.pt"))["model"]
+    assert padded["decoder.layers.0.fc1.weight"].shape == padded["decoder.layers.1.fc1.weight"].shape == (128, 32)
+    run_cli([*CLI, "extract", str(pair_routed), "--task", "deu_Latn-eng_Latn", "--out", str(tmp_path / "sub"),
+             "--per-layer-widths"])
     state = load_checkpoint(str(tmp_path / "sub" / "deu_Latn-eng_Latn.pt"))
-    assert "encoder.layers.1.moe_layer.experts.3.fc1.weight" in state["model"]
-    assert state["model"]["decoder.layers.1.fc1.weight"].shape == (128, 32)
+    assert "encoder.layers.1.moe_layer.experts.3.fc1.weight" in state["model"]  # the token-routed encoder MoE
+    assert state["model"]["decoder.layers.0.fc1.weight"].shape == (64, 32)  # each decoder layer at its own width
+    assert state["model"]["decoder.layers.1.fc1.weight"].shape == (128, 32)  # two experts folded
+    assert state["cfg"]["model"].decoder_ffn_dims == "64,128"
     full = generate(corpus, pair_routed, source="deu_Latn", target="eng_Latn")
     assert_same_translations(full, generate(corpus, tmp_path / "sub" / "deu_Latn-eng_Latn.pt", source="deu_Latn",
                                             target="eng_Latn"))

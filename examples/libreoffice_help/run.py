@@ -184,6 +184,25 @@ def line_count(path: Path) -> int:
     return len(path.read_text(encoding="utf-8").splitlines())
 
 
+TASK_TRAIN_FLAGS = ["--moe-task-routing", "both", "--moe-task", "target", "--lang-tok-replacing-bos-eos"]
+
+
+def task_moe_comparison(work: Path, data: Path, preset: Dict[str, object], checkpoint: Path, statistics: Path,
+                        langs: str, beam: int, ratio: str) -> dict:
+    """Train the task-level MoE (same data, updates and batch size as the token-MoE), extract its
+    sub-networks and translate the test sets with four models side by side (task_moe.py)."""
+    from task_moe import TaskComparison, summary
+
+    task_checkpoint = train(work, data, preset, "task_model", TASK_TRAIN_FLAGS)
+    log("  trained the task-MoE")
+    comparison = TaskComparison(work / "task_moe", checkpoint, task_checkpoint, statistics,
+                                [*task_args(data, langs), *generation_args("test", beam)], directions(langs),
+                                lambda d: references(data, d), ratio, log)
+    results = comparison.run()
+    log("  " + summary(results))
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("work/libreoffice_help"), help="output folder")
@@ -227,7 +246,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     sweep = Sweep(work / "sweep", checkpoint, statistics, generate_args,
                   directions(langs), lambda d: references(data, d), args.ratio, log)
     results = sweep.run()
-    step("sweep", "5/5 report")
+    step("sweep", f"4b/5 task-MoE: routed by source (encoder) and target language (decoder), same data and "
+                  f"{preset['updates']} updates; sub-networks extracted, four models translate side by side")
+    task_results = task_moe_comparison(work, data, preset, checkpoint, statistics, langs, beam, args.ratio)
+    step("task", "5/5 report")
     train_pairs = sum(line_count(data / "raw" / f"train.{ENGLISH}-{x}.{ENGLISH}") for x in langs.split(","))
     test_sentences = line_count(data / "raw" / f"test.{ENGLISH}-{langs.split(',')[0]}.{ENGLISH}")
     dim, ffn, layers, heads = preset["dims"]  # type: ignore[misc]
@@ -246,7 +268,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "(BLEU tokenizer zh for Chinese, char for Japanese, 13a otherwise).",
         f"- Preset `{args.preset}`; time per step (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
     ]
-    report = write_report(work / "sweep", results, statistics, setup)
+    setup.append(f"- Task-MoE: the same recipe with {' '.join(TASK_TRAIN_FLAGS)}; its sub-network per direction "
+                 "extracted with `fairseq-moe-prune extract` (a plain dense `transformer`); the token-MoE pruned per "
+                 "language to 2 experts per MoE layer (importance) for the same number of parameters.")
+    report = write_report(work / "sweep", results, statistics, setup, task_moe=task_results)
     step("report", f"report: {report}")
     (work / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")
     log(f"done in {time.monotonic() - start:.0f} s")

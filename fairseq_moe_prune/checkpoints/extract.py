@@ -139,16 +139,19 @@ def dense_config(config: Any, widths: Mapping[str, int]) -> Dict[str, Any]:
     return values
 
 
-def moe_config(config: Any, specs: List[MoELayerSpec], widths: Mapping[str, int]) -> Any:
-    """This plugin's config with the encoder's MoE layers only (the decoder folded into dense layers)."""
+def moe_config(config: Any, specs: List[MoELayerSpec], kept: List[MoELayerSpec],
+               dims: Mapping[str, Optional[List[int]]], widths: Mapping[str, int]) -> Any:
+    """This plugin's config with only the ``kept`` (token-routed) MoE layers and the given FFN widths."""
     config = copy.copy(config)
-    encoder = [spec for spec in specs if spec.side == "encoder"]
     freq = max(int(config_value(config, "encoder_moe_freq", 0)), int(config_value(config, "moe_freq", 0)))
-    for name, value in {"moe_freq": 0, "encoder_moe_freq": freq, "decoder_moe_freq": 0,
-                        "encoder_moe_expert_counts": ",".join(str(s.num_experts) for s in encoder),
-                        "decoder_moe_expert_counts": None, "moe_task_routing": "none",
-                        "moe_task_langs": None, "moe_task_pairs": None,
-                        "decoder_ffn_embed_dim": widths["decoder"]}.items():
+    values: Dict[str, Any] = {"moe_freq": 0, "encoder_moe_freq": freq if kept else 0, "decoder_moe_freq": 0,
+                              "encoder_moe_expert_counts": ",".join(str(s.num_experts) for s in kept) or None,
+                              "decoder_moe_expert_counts": None, "moe_task_routing": "none",
+                              "moe_task_langs": None, "moe_task_pairs": None}
+    for side in ("encoder", "decoder"):
+        values[f"{side}_ffn_dims"] = ",".join(map(str, dims[side])) if dims[side] else None
+        values[f"{side}_ffn_embed_dim"] = widths[side]
+    for name, value in values.items():
         set_value(config, name, value)
     return config
 
@@ -173,38 +176,52 @@ def plain_state(state: Mapping[str, Any]) -> Dict[str, Any]:
 @dataclass
 class Extracted:
     pruned: PrunedCheckpoint
-    form: str  # "transformer" (plain fairseq) or "moe_transformer" (this plugin, encoder MoE kept)
+    form: str  # "transformer" (plain fairseq) or "moe_transformer" (this plugin)
     folds: Dict[str, Fold]
-    widths: Dict[str, int]
+    widths: Dict[str, List[int]]  # FFN width of each layer, per side
     zero_padding: int  # parameters added as zero units to reach one FFN width per side
 
 
-def extract_task(checkpoint: MoECheckpoint, source: Optional[str], target: str) -> Extracted:
-    """The sub-network of one task: task-routed layers folded, the rest as it is."""
+def extract_task(checkpoint: MoECheckpoint, source: Optional[str], target: str, per_layer: bool = False) -> Extracted:
+    """The sub-network of one task: task-routed layers folded, token-routed ones kept whole.
+
+    Padded (default): each side's FFNs padded to one width, a plain ``transformer`` where no MoE layer is
+    left. ``per_layer``: each layer keeps its own width (``{side}_ffn_dims``, this plugin's model).
+    """
     config = checkpoint.config
     space = TaskSpace.from_config(config)
-    options = _gate_options(config)
+    options = config_gate_options(config)
     eom = float(config_value(config, "moe_eom", 0.0))
     weights = checkpoint.state["model"]
-    folded_specs = [spec for spec in checkpoint.specs if routes_by_task(config, spec.side)]
-    kept_specs = [spec for spec in checkpoint.specs if not routes_by_task(config, spec.side)]
+    kept = [spec for spec in checkpoint.specs if not routes_by_task(config, spec.side)]
+    kept_prefixes = {spec.prefix for spec in kept}
 
     folds: Dict[str, Fold] = {}
-    ffns: Dict[str, Dict[str, Tensor]] = {}  # "{side}.layers.{i}" -> FFN tensors
-    for spec in folded_specs:
+    ffns: Dict[str, Dict[str, Tensor]] = {}  # "{side}.layers.{i}" -> the dense FFN it gets
+    for key in weights:
+        match = re.match(r"^((?:en|de)coder\.layers\.\d+)\.fc1\.weight$", key)
+        if match:
+            ffns[match.group(1)] = {name: weights[f"{match.group(1)}.{name}"] for name in FFN_NAMES}
+    for spec in checkpoint.specs:
+        if spec.prefix in kept_prefixes:
+            continue
         task = space.task_id(spec.side, source, target)
-        task_row = weights[f"{spec.side}.moe_task_embed.weight"][task]
-        fold = task_fold(weights[f"{spec.prefix}.gate.wg.weight"], task_row, options, eom)
+        fold = task_fold(weights[f"{spec.prefix}.gate.wg.weight"], weights[f"{spec.side}.moe_task_embed.weight"][task],
+                         options, eom)
         experts = {expert: materialize(tensors) for _, expert, tensors in checkpoint.experts({spec.prefix: fold.experts})}
         folds[spec.prefix] = fold
         ffns[f"{spec.side}.layers.{spec.layer}"] = fold_ffn([experts[e] for e in fold.experts], fold.factors)
 
-    dense_layers = {key.rsplit(".fc1.weight", 1)[0] for key in weights if re.match(r"^(en|de)coder\.layers\.\d+\.fc1\.weight$", key)}
-    widths: Dict[str, int] = {}
+    side_width: Dict[str, int] = {}
+    dims: Dict[str, Optional[List[int]]] = {}
     for side in ("encoder", "decoder"):
-        side_widths = [ffn["fc1.weight"].shape[0] for layer, ffn in ffns.items() if layer.startswith(side)]
-        side_widths += [weights[f"{layer}.fc1.weight"].shape[0] for layer in dense_layers if layer.startswith(side)]
-        widths[side] = max(side_widths)
+        own = {int(layer.split(".")[2]): int(ffn["fc1.weight"].shape[0]) for layer, ffn in ffns.items()
+               if layer.startswith(side)}
+        default = int(config_value(config, f"{side}_ffn_embed_dim"))
+        side_width[side] = default if per_layer or not own else max(own.values())
+        count = int(config_value(config, f"{side}_layers"))
+        layer_dims = [own.get(i, default) for i in range(count)]
+        dims[side] = layer_dims if per_layer and set(layer_dims) != {default} else None
 
     model: Dict[str, Entry] = {}
     zero_padding = 0
@@ -217,45 +234,47 @@ def extract_task(checkpoint: MoECheckpoint, source: Optional[str], target: str) 
                 model[key] = value
             continue
         layer, side = match.group(1), match.group(1).split(".")[0]
-        if match.group(2) == "fc1.weight":  # a dense layer: padded to its side's width
-            ffn = {name: weights[f"{layer}.{name}"] for name in FFN_NAMES}
-        elif layer in ffns:  # a task-routed MoE layer: folded
-            ffn = ffns[layer]
-        else:  # a token-routed MoE layer: kept whole
-            prefix = f"{layer}.moe_layer"
+        if f"{layer}.moe_layer" in kept_prefixes:  # a token-routed MoE layer: kept whole
+            spec = next(s for s in kept if s.prefix == f"{layer}.moe_layer")
             model[key] = value
-            spec = next(s for s in kept_specs if s.prefix == prefix)
-            for _, expert, tensors in checkpoint.experts({prefix: list(range(spec.num_experts))}):
+            for _, expert, tensors in checkpoint.experts({spec.prefix: list(range(spec.num_experts))}):
                 for name, tensor in tensors.items():
-                    model[f"{prefix}.experts.{expert}.{name}"] = tensor
+                    model[f"{spec.prefix}.experts.{expert}.{name}"] = tensor
             continue
+        ffn = ffns[layer]
         width, dim = ffn["fc1.weight"].shape
-        zero_padding += (widths[side] - width) * (2 * dim + 1)
-        ffn = pad_ffn(ffn, widths[side])
+        target_width = width if per_layer else side_width[side]
+        zero_padding += (target_width - width) * (2 * dim + 1)
+        ffn = pad_ffn(ffn, target_width)
         for name in FFN_NAMES:
             model[f"{layer}.{name}"] = ffn[name]
 
-    state = plain_state(checkpoint.state) if not kept_specs else {
-        key: value for key, value in checkpoint.state.items() if key not in ("model", "last_optimizer_state")}
-    if kept_specs:
-        new_config = moe_config(config, checkpoint.specs, widths)
+    widths = {side: [int(model[f"{side}.layers.{i}.fc1.weight"].shape[0]) if f"{side}.layers.{i}.fc1.weight" in model
+                     else int(config_value(config, f"{side}_ffn_embed_dim"))
+                     for i in range(int(config_value(config, f"{side}_layers")))] for side in ("encoder", "decoder")}
+    if kept or per_layer:
+        state = {key: value for key, value in checkpoint.state.items() if key not in ("model", "last_optimizer_state")}
+        new_config = moe_config(config, checkpoint.specs, kept, dims, side_width)
         if state.get("cfg") is not None and state["cfg"].get("model") is not None:
             state["cfg"] = dict(state["cfg"], model=new_config)
         else:
             state["args"] = new_config
+        form = "moe_transformer"
     else:
-        state["cfg"]["model"] = dense_config(config, widths)
-    return Extracted(PrunedCheckpoint(state, model), "moe_transformer" if kept_specs else "transformer", folds, widths,
-                     int(zero_padding))
+        state = plain_state(checkpoint.state)
+        state["cfg"]["model"] = dense_config(config, side_width)
+        form = "transformer"
+    return Extracted(PrunedCheckpoint(state, model), form, folds, widths, int(zero_padding))
 
 
-def _gate_options(config: Any) -> GateOptions:
+def config_gate_options(config: Any) -> GateOptions:
+    """The gating flags of a checkpoint's model config (a Namespace or a dict)."""
     from fairseq_moe_prune.models.transformer_layers import gate_options
 
     return gate_options(as_namespace(config))
 
 
-def extract(checkpoint_path: str, out_dir: str, tasks: List[str], fp16: bool = False,
+def extract(checkpoint_path: str, out_dir: str, tasks: List[str], per_layer: bool = False, fp16: bool = False,
             force: bool = False) -> Dict[str, Any]:
     """Write one checkpoint per task (``LANG`` or ``SRC-TGT``) into ``out_dir`` (created whole, or not at all)."""
     if os.path.exists(out_dir) and not force:
@@ -273,7 +292,7 @@ def extract(checkpoint_path: str, out_dir: str, tasks: List[str], fp16: bool = F
     manifest: Dict[str, Any] = {"source_checkpoint": os.path.abspath(checkpoint_path), "outputs": {}}
     with staged_directory(out_dir, force) as staging:
         for task, (source, target) in parsed.items():
-            extracted = extract_task(checkpoint, source, target)
+            extracted = extract_task(checkpoint, source, target, per_layer)
             save_single(extracted.pruned, os.path.join(staging, f"{task}.pt"), fp16)
             parameters = sum(int(torch.Size(t.shape).numel()) for t in extracted.pruned.model.values())
             manifest["outputs"][task] = {

@@ -6,6 +6,7 @@ of experts, so that a pruned checkpoint describes its own shape.
 """
 
 
+import copy
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
@@ -24,7 +25,7 @@ from fairseq.models.transformer import (
 from fairseq.models.transformer.transformer_legacy import base_architecture
 
 from fairseq_moe_prune.models import task_routing
-from fairseq_moe_prune.models.layout import moe_layers
+from fairseq_moe_prune.models.layout import MoEConfigError, config_value, moe_layers
 from fairseq_moe_prune.models.task_routing import TaskLookup, TaskSpace
 from fairseq_moe_prune.models.transformer_layers import MoEDecoderLayer, MoEEncoderLayer
 from fairseq_moe_prune.moe.layer import MoELayer
@@ -62,6 +63,14 @@ class MoEConfig(FairseqDataclass):
     use_moe_pad_mask: bool = field(default=False, metadata={"help": "padding takes no expert slot"})
     moe_eom: float = field(default=0.0, metadata={"help": "expert output masking rate"})
     moe_top1_expert: bool = field(default=False, metadata={"help": "top-1 instead of top-2 gating"})
+    encoder_ffn_dims: Optional[str] = field(
+        default=None,
+        metadata={"help": "comma-separated FFN width of each encoder layer (dense layers; default: "
+                          "--encoder-ffn-embed-dim everywhere); extract writes it for folded sub-networks"},
+    )
+    decoder_ffn_dims: Optional[str] = field(
+        default=None, metadata={"help": "comma-separated FFN width of each decoder layer (as --encoder-ffn-dims)"}
+    )
     moe_task_routing: ChoiceEnum(list(task_routing.TASK_ROUTING)) = field(  # type: ignore
         default="none",
         metadata={"help": "route by task instead of by token (task-level MoE): in no layer, in the decoder's "
@@ -85,9 +94,34 @@ def task_embedding(cfg: Any, side: str, embed_dim: int) -> Optional[nn.Embedding
     return nn.Embedding(TaskSpace.from_config(cfg).num_tasks(side), embed_dim)
 
 
+def ffn_dims(cfg: Any, side: str) -> List[int]:
+    """The FFN width of each of the side's layers (``{side}_ffn_dims``, else the side's one width)."""
+    text = config_value(cfg, f"{side}_ffn_dims")
+    num_layers = getattr(cfg, side).layers
+    if not text:
+        return [getattr(cfg, side).ffn_embed_dim] * num_layers
+    try:
+        dims = [int(part) for part in str(text).split(",")]
+    except ValueError:
+        raise MoEConfigError(f"{side}_ffn_dims must be comma-separated integers, got {text!r}") from None
+    if len(dims) != num_layers or min(dims) < 1:
+        raise MoEConfigError(f"{side}_ffn_dims needs one positive width per {side} layer ({num_layers}), got {text!r}")
+    return dims
+
+
+def with_ffn_dim(cfg: Any, side: str, width: int) -> Any:
+    """A copy of the config whose ``side`` FFNs have ``width`` units."""
+    cfg = copy.deepcopy(cfg)
+    getattr(cfg, side).ffn_embed_dim = width
+    return cfg
+
+
 class MoETransformerEncoder(TransformerEncoderBase):
     def __init__(self, cfg: Any, dictionary, embed_tokens):
         super().__init__(cfg, dictionary, embed_tokens)
+        for i, width in enumerate(ffn_dims(cfg, "encoder")):
+            if width != cfg.encoder.ffn_embed_dim:
+                self.layers[i] = self.build_encoder_layer(with_ffn_dim(cfg, "encoder", width))
         for spec in moe_layers(cfg):
             if spec.side == "encoder":
                 self.layers[spec.layer] = MoEEncoderLayer(cfg, spec.num_experts)
@@ -144,6 +178,9 @@ class MoETransformerEncoder(TransformerEncoderBase):
 class MoETransformerDecoder(TransformerDecoderBase):
     def __init__(self, cfg: Any, dictionary, embed_tokens, no_encoder_attn: bool = False):
         super().__init__(cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn)
+        for i, width in enumerate(ffn_dims(cfg, "decoder")):
+            if width != cfg.decoder.ffn_embed_dim:
+                self.layers[i] = self.build_decoder_layer(with_ffn_dim(cfg, "decoder", width), no_encoder_attn)
         for spec in moe_layers(cfg):
             if spec.side == "decoder":
                 self.layers[spec.layer] = MoEDecoderLayer(cfg, spec.num_experts, no_encoder_attn)
