@@ -44,6 +44,20 @@ def test_main_job_ci_preset(tmp_path):
     for name in ("quality_vs_pruning.png", "size_vs_quality.png", "expert_usage.png"):
         assert (sweep / name).read_bytes().startswith(PNG)
 
+    # the task-MoE beside the token-MoE: four models scored on every direction, routing pictured
+    task_moe = json.loads((work / "task_moe" / "task_moe.json").read_text())
+    assert sorted(task_moe["models"]) == sorted(["token-MoE", "token-MoE pruned per language", "task-MoE",
+                                                 "task-MoE sub-network"])
+    for model in task_moe["models"].values():
+        assert sorted(model["directions"]) == sorted(PAIRS) and model["sentences_per_second"] > 0
+    sizes = {name: model["directions"]["eng_Latn-deu_Latn"]["parameters"] for name, model in task_moe["models"].items()}
+    assert sizes["task-MoE sub-network"] < sizes["task-MoE"]
+    for direction, scores in results["full"]["directions"].items():  # the same token-MoE translates alike in both
+        assert task_moe["models"]["token-MoE"]["directions"][direction]["chrf++"] == scores["chrf++"]
+    assert "## Task-level MoE and its extracted sub-networks" in report
+    assert (sweep / "task_routing.png").read_bytes().startswith(PNG)
+    assert not list((work / "task_moe").rglob("*.pt"))
+
 
 def test_a_bad_ratio_is_refused_before_any_work(tmp_path):
     result = run_cli([sys.executable, str(REPO / "examples/libreoffice_help/run.py"), "--ratio", "3",

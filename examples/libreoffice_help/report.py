@@ -161,7 +161,7 @@ def per_direction(results: Dict[str, dict], level: float) -> List[str]:
 def plot_task_routing(usage: Dict[str, dict], path: Path) -> None:
     """The task-MoE's routing: the combine weight each language gives each expert of each MoE layer."""
     figure, axes = plt.subplots(len(usage), 1, figsize=(8, 2.2 + 2.2 * len(usage)))
-    for ax, (prefix, layer) in zip(np.atleast_1d(axes), sorted(usage.items())):
+    for ax, (prefix, layer) in zip(np.atleast_1d(axes), usage.items()):
         image = ax.imshow(np.array(layer["weights"]), aspect="auto", cmap="viridis", vmin=0, vmax=1)
         ax.set_yticks(range(len(layer["languages"])), layer["languages"], fontsize=8)
         ax.set_xlabel("expert")

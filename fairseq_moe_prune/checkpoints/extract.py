@@ -288,7 +288,11 @@ def extract(checkpoint_path: str, out_dir: str, tasks: List[str], per_layer: boo
     if not tasks or len(set(tasks)) != len(tasks):
         raise ExtractError("name each task once: --task LANG_OR_PAIR[,...]")
     parsed = {task: parse_task(task, space, routes_by_task(config, "encoder")) for task in tasks}
-    total = sum(int(t.numel()) for k, t in checkpoint.state["model"].items())
+    first = {spec.prefix: [0] for spec in checkpoint.specs}
+    expert_sizes = {prefix: sum(int(torch.Size(t.shape).numel()) for t in tensors.values())
+                    for prefix, _, tensors in checkpoint.experts(first)}
+    total = sum(int(t.numel()) for t in checkpoint.dense_weights().values()) + sum(
+        spec.num_experts * expert_sizes[spec.prefix] for spec in checkpoint.specs)
     manifest: Dict[str, Any] = {"source_checkpoint": os.path.abspath(checkpoint_path), "outputs": {}}
     with staged_directory(out_dir, force) as staging:
         for task, (source, target) in parsed.items():

@@ -120,6 +120,11 @@ def hf_config(config: Any, vocab_size: int, dtype: torch.dtype) -> Any:
     refused = [name for name in NOT_IN_HF if config_value(config, name)]
     if refused:
         raise CheckpointError(f"Hugging Face's NllbMoe has no equivalent of --{refused[0].replace('_', '-')}")
+    if str(config_value(config, "moe_task_routing", "none")) != "none":
+        raise CheckpointError("Hugging Face's NllbMoe routes by token; this model routes by task "
+                              "(fairseq-moe-prune extract writes its sub-networks as plain fairseq transformers)")
+    if config_value(config, "encoder_ffn_dims") or config_value(config, "decoder_ffn_dims"):
+        raise CheckpointError("Hugging Face's NllbMoe has one FFN width per side; this model has per-layer widths")
     for name in ("encoder_normalize_before", "decoder_normalize_before", "share_all_embeddings"):
         if not config_value(config, name, False):
             raise CheckpointError(f"Hugging Face's NllbMoe needs --{name.replace('_', '-')} (pre-norm layers and "
