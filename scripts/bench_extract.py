@@ -15,9 +15,11 @@ Example: python scripts/bench_extract.py --work /tmp/bench_extract
 """
 
 import argparse
+import logging
 import statistics
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Dict, List
 
@@ -92,6 +94,9 @@ def main() -> None:
 
     torch.set_num_threads(1)
     from fairseq_moe_prune.evaluation import Translator
+
+    logging.getLogger().setLevel(logging.WARNING)  # fairseq and hydra log every dataset load
+    warnings.filterwarnings("ignore", category=UserWarning)
 
     class FixedModel(Translator):
         """Translates with a model built here instead of one loaded from a file."""

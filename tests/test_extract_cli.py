@@ -69,6 +69,8 @@ def test_dense_subnetwork_loads_in_stock_fairseq_and_translates_like_the_task_mo
     layers = [re.findall(r'"experts": \[\s*(\d+),\s*(\d+)\s*\],\s*"factors": \[\s*([\d.]+)', manifest)]
     assert len(layers[0]) == 4 and layers[0][:2] != layers[0][2:]  # per task: its own experts or weights
     assert_same_translations(generate(corpus, task_trained), generate(corpus, out / "eng_Latn-deu_Latn.pt", user_dir=False))
+    assert cli.main(["extract", str(task_trained), "--task", "eng_Latn-deu_Latn", "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "eng_Latn-deu_Latn.pt").read_bytes() == (out / "eng_Latn-deu_Latn.pt").read_bytes()
 
 
 @pytest.fixture(scope="module")
