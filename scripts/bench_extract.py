@@ -9,7 +9,8 @@ width) and, in this process, the same sub-network with each layer at its own FFN
 dropped: what keeping per-layer widths would buy). Every model then translates the same test set with
 the same batch settings and exactly the same number of decoding steps (``--min-len`` = max length, so
 weights trained for a few updates do not change the work), in alternating rounds, one thread. Prints the
-median sentences/s of each and the ratios, for greedy search and beam 4.
+median sentences/s of each and the ratios, for the main job's batches (greedy and beam 4) and for one
+sentence at a time.
 
 Example: python scripts/bench_extract.py --work /tmp/bench_extract
 """
@@ -77,7 +78,7 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--length", type=int, default=20, help="decoding steps of every hypothesis")
-    parser.add_argument("--test-sentences", type=int, default=100)
+    parser.add_argument("--test-sentences", type=int, default=100, help="at most this many (the sample has fewer)")
     args = parser.parse_args()
     work = args.work.resolve()
     data = work / "data"
@@ -109,11 +110,16 @@ def main() -> None:
             self.setup(source, target)
             return self.model
 
-    results: Dict[str, Dict[int, List[float]]] = {}
-    for beam in (1, 4):
-        generation = ["--gen-subset", "test", "--beam", str(beam), "--max-tokens", "4000", "--max-len-a", "0",
-                      "--max-len-b", str(args.length), "--min-len", str(args.length),
-                      "--required-batch-size-multiple", "1", "--seed", "1"]
+    settings = {  # the main job's batches (greedy and NLLB's beam 4), and one sentence at a time
+        "greedy, --max-tokens 4000": ["--beam", "1", "--max-tokens", "4000"],
+        "beam 4, --max-tokens 4000": ["--beam", "4", "--max-tokens", "4000"],
+        "greedy, --batch-size 1": ["--beam", "1", "--batch-size", "1"],
+    }
+    results: Dict[str, Dict[str, List[float]]] = {}
+    sentences = 0
+    for setting, batching in settings.items():
+        generation = ["--gen-subset", "test", *batching, "--max-len-a", "0", "--max-len-b", str(args.length),
+                      "--min-len", str(args.length), "--required-batch-size-multiple", "1", "--seed", "1"]
         token_args = [*task_args(data), *generation]
         task_moe_args = [*task_args(data), "--lang-tok-replacing-bos-eos", *generation]
         sub = str(extracted / "eng_Latn-deu_Latn.pt")
@@ -122,21 +128,21 @@ def main() -> None:
                 ("sub-network, dense transformer", Translator(task_moe_args), sub),
                 ("sub-network, per-layer widths", FixedModel(task_moe_args, narrow), sub)]
         for name, translator, checkpoint in runs:  # warm-up: load, set up the task, first batches
-            translator.translate(checkpoint, "eng_Latn", "deu_Latn")
+            sentences = translator.translate(checkpoint, "eng_Latn", "deu_Latn").sentences
         for round_ in range(args.rounds):
             for name, translator, checkpoint in runs[round_ % len(runs):] + runs[:round_ % len(runs)]:
                 translation = translator.translate(checkpoint, "eng_Latn", "deu_Latn")
-                results.setdefault(name, {}).setdefault(beam, []).append(translation.sentences / translation.seconds)
+                results.setdefault(name, {}).setdefault(setting, []).append(translation.sentences / translation.seconds)
 
     print(f"models of the main job's default shape, {args.updates} updates; eng_Latn-deu_Latn test set "
-          f"({args.test_sentences} sentences), every hypothesis {args.length} tokens, one thread, "
+          f"({sentences} sentences), every hypothesis {args.length} tokens, one thread, "
           f"median of {args.rounds} alternating rounds")
-    for beam in (1, 4):
-        speed = {name: statistics.median(values[beam]) for name, values in results.items()}
-        print(f"beam {beam}: " + ", ".join(f"{name} {value:.1f} sent/s" for name, value in speed.items()))
-        print(f"beam {beam}: throughput extracted sub-network (dense transformer) / full token-MoE: "
+    for setting in settings:
+        speed = {name: statistics.median(values[setting]) for name, values in results.items()}
+        print(f"{setting}: " + ", ".join(f"{name} {value:.1f} sent/s" for name, value in speed.items()))
+        print(f"{setting}: throughput extracted sub-network (dense transformer) / full token-MoE: "
               f"{speed['sub-network, dense transformer'] / speed['token-MoE']:.2f}x")
-        print(f"beam {beam}: throughput task-MoE / token-MoE: {speed['task-MoE'] / speed['token-MoE']:.2f}x; "
+        print(f"{setting}: throughput task-MoE / token-MoE: {speed['task-MoE'] / speed['token-MoE']:.2f}x; "
               f"per-layer widths / padded dense transformer: "
               f"{speed['sub-network, per-layer widths'] / speed['sub-network, dense transformer']:.2f}x")
 

@@ -29,7 +29,7 @@ def task_trained(corpus, tmp_path_factory) -> Path:
              "--moe-task-routing", "both", "--moe-task", "target",
              "--criterion", "moe_label_smoothed_cross_entropy", "--moe-gate-loss-wt", "0.01",
              "--label-smoothing", "0.1", "--optimizer", "adam", "--lr", "0.003", "--lr-scheduler", "inverse_sqrt",
-             "--warmup-updates", "10", "--max-tokens", "1500", "--max-update", "30", "--seed", "1",
+             "--warmup-updates", "10", "--max-tokens", "1500", "--max-update", "20", "--seed", "1",
              "--save-dir", str(save_dir), "--no-epoch-checkpoints", "--disable-validation", "--num-workers", "0"])
     return save_dir / "checkpoint_last.pt"
 
@@ -42,7 +42,7 @@ def generate(corpus, checkpoint, user_dir=True, source="eng_Latn", target="deu_L
         args = args[:at] + args[at + 2:]
     result = run_cli(["fairseq-generate", *args, "--path", str(checkpoint), "--source-lang", source,
                       "--target-lang", target, "--gen-subset", "test", "--beam", "4", "--batch-size", "7",
-                      "--required-batch-size-multiple", "1", "--max-len-b", "15"], cwd="/")
+                      "--required-batch-size-multiple", "1", "--max-len-b", "10"], cwd="/")
     hypotheses = {int(i): (text, float(score)) for i, score, text in re.findall(r"^H-(\d+)\t(\S+)\t(.*)$", result.stdout, re.M)}
     positional = {int(i): [float(v) for v in values.split()] for i, values in re.findall(r"^P-(\d+)\t(.*)$", result.stdout, re.M)}
     return {i: (text, score, positional[i]) for i, (text, score) in hypotheses.items()}
