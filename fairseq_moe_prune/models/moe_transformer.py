@@ -1,8 +1,11 @@
 """The registered MoE encoder-decoder: fairseq's transformer with NLLB-200's MoE layers.
 
-Config fields and state-dict keys are NLLB's (fairseq ``nllb`` branch); two fields are ours:
+Config fields and state-dict keys are NLLB's (fairseq ``nllb`` branch); some fields are ours:
 ``encoder_moe_expert_counts`` / ``decoder_moe_expert_counts`` give each MoE layer its own number
-of experts, so that a pruned checkpoint describes its own shape.
+of experts, so that a pruned checkpoint describes its own shape; ``encoder_ffn_dims`` /
+``decoder_ffn_dims`` give each dense layer its own FFN width (extracted sub-networks); the
+``moe_task*`` fields route by task instead of by token (task-level MoE, ``task_routing.py``), with a
+learned task embedding per side (``encoder.moe_task_embed``, ``decoder.moe_task_embed``).
 """
 
 
