@@ -8,10 +8,8 @@ import sys
 from typing import List, Optional
 
 from fairseq_moe_prune import stats
-from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
-from fairseq_moe_prune.models.layout import MoEConfigError
+from fairseq_moe_prune.errors import FairseqMoEPruneError
 from fairseq_moe_prune.ranking import SelectionError
-from fairseq_moe_prune.stats import StatsError
 
 
 def cmd_user_dir(args: argparse.Namespace) -> None:
@@ -20,18 +18,20 @@ def cmd_user_dir(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    """Print the MoE layout of a checkpoint, read safely and without building the model."""
+    """Print the MoE layout of a checkpoint (or Hugging Face model folder), read safely and without building the model."""
     from fairseq_moe_prune.checkpoints.layouts import describe_checkpoint
 
-    print(describe_checkpoint(args.checkpoint))
+    if os.path.isdir(args.checkpoint):
+        from fairseq_moe_prune.checkpoints.hf import describe_hf
+
+        print(describe_hf(args.checkpoint))
+    else:
+        print(describe_checkpoint(args.checkpoint))
 
 
 def cmd_stats_merge(args: argparse.Namespace) -> None:
     """Add up the statistics of several runs (per language pair, per GPU, per shard of the data)."""
-    if os.path.exists(args.out) and not args.force:
-        raise StatsError(f"{args.out} exists (use --force to overwrite)")
-    merged = stats.merge(stats.load(path) for path in args.inputs)
-    stats.save(merged, args.out)
+    merged = stats.merge_files(args.out, args.inputs, args.force)
     print(f"merged {len(args.inputs)} files: {', '.join(f'{p} ({s.sentences} sentences)' for p, s in sorted(merged.pairs.items()))}")
 
 
@@ -57,7 +57,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     manifest = prune(args.checkpoint, args.out, options, stats_path=args.stats,
                      experts_json_in=args.experts_json, force=args.force)
     for name, output in manifest["outputs"].items():
-        print(f"{args.out}/{output['files'][0]}: kept {output['kept_experts']} experts "
+        print(f"{os.path.join(args.out, output['files'][0])}: kept {output['kept_experts']} experts "
               f"({output['pruned_fraction'] * 100:.1f}% pruned)")
 
 
@@ -90,18 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     user_dir.set_defaults(run=cmd_user_dir)
 
     info = commands.add_parser("info", help=cmd_info.__doc__)
-    info.add_argument("checkpoint")
+    info.add_argument("checkpoint", help="a checkpoint file, X-shared.pt of an expert-sharded one, or an HF model folder")
     info.set_defaults(run=cmd_info)
 
     stats_parser = commands.add_parser("stats", help="statistics files written by --moe-stats-out")
     stats_commands = stats_parser.add_subparsers(dest="stats_command", required=True)
     merge = stats_commands.add_parser("merge", help=cmd_stats_merge.__doc__)
-    merge.add_argument("out")
-    merge.add_argument("inputs", nargs="+")
+    merge.add_argument("out", help="statistics file to write (not one of the inputs)")
+    merge.add_argument("inputs", nargs="+", help="statistics files to add up (each recording run at most once)")
     merge.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     merge.set_defaults(run=cmd_stats_merge)
     show = stats_commands.add_parser("show", help=cmd_stats_show.__doc__)
-    show.add_argument("file")
+    show.add_argument("file", help="a statistics file")
     show.add_argument("--top", type=int, default=5, help="experts to list at each end")
     show.set_defaults(run=cmd_stats_show)
 
@@ -113,14 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     source = prune.add_mutually_exclusive_group(required=True)
     source.add_argument("--stats", help="statistics file from --moe-stats-out")
     source.add_argument("--experts-json", help="apply expert sets chosen elsewhere (NLLB paper's format)")
-    prune.add_argument("--granularity", choices=["global", "pair", "language"], default="language")
-    prune.add_argument("--metric", choices=METRICS, default="importance")
-    prune.add_argument("--selection", choices=["fixed", "threshold"], default="fixed")
+    prune.add_argument("--granularity", choices=["global", "pair", "language"], default="language",
+                       help="one expert set for all directions, per language pair, or per language "
+                            "(encoder from the source, decoder from the target); default language")
+    prune.add_argument("--metric", choices=METRICS, default="importance", help="how experts are ranked (default importance)")
+    prune.add_argument("--selection", choices=["fixed", "threshold"], default="fixed",
+                       help="fixed: a number per layer (--ratio); threshold: metric mass over all layers (default fixed)")
     prune.add_argument("--prune-fraction", type=float, help="fraction of all experts to remove, e.g. 0.8")
     prune.add_argument("--keep", type=int, help="number of experts to keep over all MoE layers")
     prune.add_argument("--ratio", default="3:1", help="encoder:decoder experts per layer (fixed selection)")
     prune.add_argument("--threshold", type=float, help="metric mass to keep (threshold selection)")
-    prune.add_argument("--min-per-layer", type=int, default=2)
+    prune.add_argument("--min-per-layer", type=int, default=2, help="fewest experts a layer keeps (default 2, top-2 routing)")
     prune.add_argument("--directions", help="comma-separated SRC-TGT to write (default: all in the statistics)")
     prune.add_argument("--fp16", action="store_true", help="store weights in half precision")
     prune.add_argument("--sharded", action="store_true", help="write NLLB's X-shared.pt + X-rank-N.pt layout")
@@ -133,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("input", metavar="IN", help="X-shared.pt (sharded), a .pt file (single) or an HF model folder")
     convert.add_argument("output", metavar="OUT", help="a file (--to single) or a folder to create (sharded, hf)")
     convert.add_argument("--from", dest="source_format", choices=formats, help="format of IN (default: detected)")
-    convert.add_argument("--to", required=True, choices=formats)
+    convert.add_argument("--to", required=True, choices=formats, help="format of OUT")
     convert.add_argument("--fp16", action="store_true", help="store weights in half precision")
     convert.add_argument("--max-shard-size", default="5GB", help="largest safetensors file for --to hf (default 5GB)")
     convert.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -158,12 +161,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (CheckpointError, MoEConfigError, StatsError, SelectionError) as error:
+    except FairseqMoEPruneError as error:
         print(f"fairseq-moe-prune: error: {error}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # output piped into `head`
         sys.stderr.close()
         return 0
+    except OSError as error:  # a read-only folder, a full disk, a folder where a file should be, ...
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"fairseq-moe-prune: error: {where}{error.strerror or error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fairseq-moe-prune: interrupted", file=sys.stderr)
         return 130

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from fairseq_moe_prune import stats as stats_lib
 from fairseq_moe_prune.checkpoints.layouts import MoECheckpoint, open_checkpoint
 from fairseq_moe_prune.checkpoints.surgery import (
+    check_output,
     prune_checkpoint,
     save_sharded,
     save_single,
@@ -92,6 +93,8 @@ def check_stats_match(stats: MoEStats, checkpoint: MoECheckpoint) -> None:
 
 def direction_pairs(stats: Optional[MoEStats], options: PruneOptions) -> List[str]:
     if options.directions:
+        for direction in options.directions:
+            stats_lib.split_pair(direction)  # names become file names: letters, digits and _ only
         return list(options.directions)
     if stats is None:
         raise SelectionError("name the directions to write with --directions")
@@ -148,16 +151,25 @@ def experts_json(per_language: Mapping[str, Choice], specs: List[MoELayerSpec]) 
 
 
 def read_experts_json(path: str, specs: List[MoELayerSpec]) -> Dict[str, Choice]:
+    """An experts.json: ``{language: [global expert ids]}``, every name and id checked."""
     per_layer = uniform_count(specs)
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         raise SelectionError(f"{path}: cannot read experts.json ({error})") from None
+    if not isinstance(data, dict) or not data:
+        raise SelectionError(f"{path}: experts.json must map languages to lists of expert ids")
     choices = {}
     for language, ids in data.items():
+        try:
+            stats_lib.check_language(language)
+        except StatsError as error:
+            raise SelectionError(f"{path}: {error}") from None
+        if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+            raise SelectionError(f"{path}: the experts of {language} must be a list of whole-number ids")
         kept: Selection = {}
-        for global_id in sorted(set(int(i) for i in ids)):
+        for global_id in sorted(set(ids)):
             layer, expert = divmod(global_id, per_layer)
             if not 0 <= layer < len(specs):
                 raise SelectionError(f"{path}: expert id {global_id} of {language} is out of range")
@@ -176,11 +188,14 @@ def uniform_count(specs: List[MoELayerSpec]) -> int:
 def prune(checkpoint_path: str, out_dir: str, options: PruneOptions, stats_path: Optional[str] = None,
           experts_json_in: Optional[str] = None, force: bool = False) -> Dict[str, object]:
     """Write one pruned checkpoint per target into ``out_dir`` (created whole, or not at all)."""
-    if os.path.exists(out_dir) and not force:
-        raise StatsError(f"{out_dir} exists (use --force to replace it)")
+    inputs = [checkpoint_path, *(path for path in (stats_path, experts_json_in) if path)]
+    check_output(out_dir, inputs, force)
     checkpoint = open_checkpoint(checkpoint_path)
+    check_output(out_dir, checkpoint.ranks or [], force)
     stats = stats_lib.load(stats_path) if stats_path else None
     if stats is not None:
+        if not stats.pairs:
+            raise StatsError(f"{stats_path} holds no language pairs (nothing was recorded)")
         check_stats_match(stats, checkpoint)
     imported = read_experts_json(experts_json_in, checkpoint.specs) if experts_json_in else None
     if stats is None and imported is None:

@@ -16,13 +16,14 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from fairseq_moe_prune.errors import FairseqMoEPruneError
 from fairseq_moe_prune.models.layout import MoELayerSpec
 from fairseq_moe_prune.stats import PROB_SCALE, REAP_SCALE, LayerCounts
 
 METRICS = ("importance", "vanilla_importance", "activity", "top2", "load_balancing", "reap", "random")
 
 
-class SelectionError(ValueError):
+class SelectionError(FairseqMoEPruneError, ValueError):
     """A budget or selection request that cannot be met."""
 
 
@@ -87,8 +88,8 @@ def parse_ratio(text: str) -> tuple:
         enc, dec = (float(part) for part in text.split(":"))
     except ValueError:
         raise SelectionError(f"an encoder:decoder ratio looks like 3:1, got {text!r}") from None
-    if enc <= 0 or dec <= 0:
-        raise SelectionError(f"both sides of the ratio must be positive, got {text!r}")
+    if not (1e-6 <= enc <= 1e6 and 1e-6 <= dec <= 1e6):  # also refuses nan and inf
+        raise SelectionError(f"both sides of the ratio must be positive numbers, got {text!r}")
     return enc, dec
 
 
@@ -102,7 +103,18 @@ def fixed_per_layer_counts(
     """
     total = sum(spec.num_experts for spec in specs)
     keep = budget.kept_total(total)
-    weights = dict(zip(("encoder", "decoder"), parse_ratio(ratio)))
+    enc, dec = parse_ratio(ratio)
+    counts = layer_counts(specs, keep, enc, dec)
+    for prefix, count in counts.items():
+        if count < min_per_layer:
+            raise SelectionError(f"the budget leaves {count} experts in {prefix}; at least {min_per_layer} are needed"
+                                 f"{what_would_work(specs, keep, enc, dec, ratio, min_per_layer)}")
+    return counts
+
+
+def layer_counts(specs: Sequence[MoELayerSpec], keep: int, enc: float, dec: float) -> Dict[str, int]:
+    """``keep`` experts shared out over the layers, encoder and decoder layers in the ratio enc:dec, rounded down."""
+    weights = {"encoder": enc, "decoder": dec}
     layers = {side: [s for s in specs if s.side == side] for side in weights}
     unit = math.floor(keep / sum(weights[spec.side] for spec in specs) + 1e-9)
     per_side = {side: math.floor(weights[side] * unit + 1e-9) for side in weights}
@@ -112,15 +124,24 @@ def fixed_per_layer_counts(
         if layers[side] and layers[other] and per_side[side] > cap:
             per_side[other] += (per_side[side] - cap) * len(layers[side]) // len(layers[other])
             per_side[side] = cap
-    counts = {}
-    for spec in specs:
-        count = min(spec.num_experts, per_side[spec.side])
-        if count < min_per_layer:
-            raise SelectionError(
-                f"the budget leaves {count} experts in {spec.prefix}; at least {min_per_layer} are needed"
-            )
-        counts[spec.prefix] = count
-    return counts
+    return {spec.prefix: min(spec.num_experts, per_side[spec.side]) for spec in specs}
+
+
+def what_would_work(specs: Sequence[MoELayerSpec], keep: int, enc: float, dec: float, ratio: str,
+                    min_per_layer: int) -> str:
+    """For an impossible budget: the smallest one that works with this ratio, and whether 1:1 works with this one."""
+    total = sum(spec.num_experts for spec in specs)
+    works = [larger for larger in range(keep + 1, total + 1)
+             if min(layer_counts(specs, larger, enc, dec).values()) >= min_per_layer]
+    if works:
+        fraction = math.floor((1 - works[0] / total) * 10000) / 10000
+        hints = [f"with --ratio {ratio} keep at least {works[0]} of {total} (--keep {works[0]} or "
+                 f"--prune-fraction {fraction:g})"]
+    else:
+        hints = [f"no budget does with --ratio {ratio} on this model"]
+    if (enc, dec) != (1.0, 1.0) and min(layer_counts(specs, keep, 1.0, 1.0).values()) >= min_per_layer:
+        hints.append("or use --ratio 1:1 for this budget")
+    return f": {', '.join(hints)}"
 
 
 def select_fixed(values: Mapping[str, np.ndarray], counts: Mapping[str, int]) -> Dict[str, List[int]]:

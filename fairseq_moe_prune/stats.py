@@ -2,22 +2,32 @@
 
 Only counts are stored, so that merging runs is addition; metrics are derived later (ranking).
 Sums of probabilities are kept in fixed point (integers in units of 2**-32) so that addition is
-exact and associative: two halves of a dev set merge into the very bytes one run over all of it
-writes. The file is canonical JSON, written atomically.
+exact and associative: two halves of a dev set merge into the very counts one run over all of it
+gives. The file is canonical JSON, written atomically.
+
+Files are input like any other: names, numbers and shapes are checked when a file is read. Each
+recording run is listed in ``runs`` with an identity (a digest of what it recorded, so the same
+inputs still give the same bytes) and the size of the subset it translated; a merged file lists
+the runs it adds up, and merging one run twice is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from fairseq_moe_prune.errors import FairseqMoEPruneError
 from fairseq_moe_prune.files import atomic_open
 
 FORMAT = "fairseq-moe-prune/stats"
-VERSION = 2  # 2 added routed / reap_sum (REAP saliency)
+VERSION = 3  # 2 added routed / reap_sum (REAP saliency); 3 added runs (identity and subset size)
+READABLE_VERSIONS = (2, 3)  # a version 2 file reads as one with no runs listed
 PROB_SCALE = 2**32  # probabilities are summed as round(p * PROB_SCALE)
 REAP_SCALE = 2**20  # gate weight * expert output norm, summed as round(v * REAP_SCALE)
 
@@ -25,8 +35,28 @@ REAP_SCALE = 2**20  # gate weight * expert output norm, summed as round(v * REAP
 COUNT_FIELDS = ("top1", "top2", "prob_sum", "prob_first_sum", "prob_second_sum", "rank_sum", "routed", "reap_sum")
 
 
-class StatsError(ValueError):
+class StatsError(FairseqMoEPruneError, ValueError):
     """A statistics file is unreadable or does not fit what it is used with."""
+
+
+LANGUAGE = re.compile(r"^[A-Za-z0-9_]{1,64}$")  # eng_Latn; a name from a file becomes part of a file name
+SUBSET = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+LAYER_PREFIX = re.compile(r"^(encoder|decoder)\.layers\.\d{1,4}\.moe_layer$")
+MAX_COUNT = 2**63 - 1  # counts are int64
+
+
+def check_language(name: Any, what: str = "language") -> str:
+    """A language name from a file or the command line: letters, digits and ``_`` only (e.g. eng_Latn)."""
+    if not isinstance(name, str) or not LANGUAGE.match(name):
+        raise StatsError(f"{what} {str(name)[:40]!r} is not a language name (letters, digits and _ only, e.g. eng_Latn)")
+    return name
+
+
+def whole_number(value: Any, what: str) -> int:
+    """A count read from a file: a JSON integer in [0, 2**63)."""
+    if type(value) is not int or not 0 <= value <= MAX_COUNT:
+        raise StatsError(f"{what} must be a whole number >= 0, got {str(value)[:40]}")
+    return value
 
 
 @dataclass
@@ -54,20 +84,29 @@ class LayerCounts:
     def __add__(self, other: "LayerCounts") -> "LayerCounts":
         if other.num_experts != self.num_experts:
             raise StatsError(f"cannot add counts of {self.num_experts} and {other.num_experts} experts")
-        return LayerCounts(
-            self.tokens + other.tokens,
-            *(getattr(self, name) + getattr(other, name) for name in COUNT_FIELDS),
-        )
+        summed = [getattr(self, name) + getattr(other, name) for name in COUNT_FIELDS]
+        # counts are never negative, so a sum past int64 wraps below zero
+        if self.tokens + other.tokens > MAX_COUNT or any((array < 0).any() for array in summed):
+            raise StatsError("the counts overflow 64-bit integers when added")
+        return LayerCounts(self.tokens + other.tokens, *summed)
 
     def to_json(self) -> Dict[str, Any]:
         return {"tokens": int(self.tokens), **{name: getattr(self, name).tolist() for name in COUNT_FIELDS}}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "LayerCounts":
-        arrays = [np.asarray(data[name], dtype=np.int64) for name in COUNT_FIELDS]
-        if len({len(a) for a in arrays}) != 1:
-            raise StatsError("per-expert arrays of a layer differ in length")
-        return cls(int(data["tokens"]), *arrays)
+    def from_json(cls, data: Mapping[str, Any], num_experts: int, where: str) -> "LayerCounts":
+        """Counts of a layer with ``num_experts`` experts; ``where`` names it in errors."""
+        if not isinstance(data, dict):
+            raise StatsError(f"{where} is not an object")
+        arrays = []
+        for name in COUNT_FIELDS:
+            values = data[name]
+            if not isinstance(values, list) or len(values) != num_experts:
+                raise StatsError(f"{where}.{name} must list {num_experts} counts, one per expert")
+            if not all(type(value) is int for value in values) or min(values) < 0 or max(values) > MAX_COUNT:
+                raise StatsError(f"{where}.{name} must hold whole numbers >= 0")
+            arrays.append(np.array(values, dtype=np.int64))
+        return cls(whole_number(data["tokens"], f"{where}.tokens"), *arrays)
 
 
 @dataclass
@@ -98,7 +137,43 @@ class Fingerprint:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Fingerprint":
-        return cls([(str(p), int(c)) for p, c in data["moe_layers"]], str(data["gate_sha256"]))
+        layers = data["moe_layers"]
+        if not isinstance(layers, list) or not layers:
+            raise StatsError("model.moe_layers must list the MoE layers")
+        for entry in layers:
+            if (not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str)
+                    or not LAYER_PREFIX.match(entry[0]) or type(entry[1]) is not int or not 1 <= entry[1] <= 2**20):
+                raise StatsError(f"model.moe_layers: {str(entry)[:60]} is not [layer prefix, experts]")
+        if len({prefix for prefix, _ in layers}) != len(layers):
+            raise StatsError("model.moe_layers lists a layer twice")
+        gate = data["gate_sha256"]
+        if not isinstance(gate, str) or not re.fullmatch(r"[0-9a-f]{64}", gate):
+            raise StatsError("model.gate_sha256 is not a sha256 digest")
+        return cls([(prefix, count) for prefix, count in layers], gate)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One recording run: its identity, the pair it recorded and the size of the subset it was given."""
+
+    id: str  # sha256 of what the run recorded (see identify_runs)
+    pair: str
+    subset: str  # fairseq's subset name, e.g. "valid"
+    subset_sentences: int  # sentences of the subset (or of its shard) the run was given
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"id": self.id, "pair": self.pair, "subset": self.subset, "subset_sentences": self.subset_sentences}
+
+    @classmethod
+    def from_json(cls, data: Any) -> "Run":
+        if not isinstance(data, dict):
+            raise StatsError("runs: an entry is not an object")
+        if not isinstance(data["id"], str) or not re.fullmatch(r"[0-9a-f]{64}", data["id"]):
+            raise StatsError("runs: an id is not a sha256 digest")
+        if not isinstance(data["subset"], str) or not SUBSET.match(data["subset"]):
+            raise StatsError(f"runs: {str(data['subset'])[:40]!r} is not a subset name")
+        split_pair(data["pair"])
+        return cls(data["id"], data["pair"], data["subset"], whole_number(data["subset_sentences"], "runs: subset_sentences"))
 
 
 @dataclass
@@ -106,6 +181,7 @@ class MoEStats:
     fingerprint: Fingerprint
     settings: Dict[str, Any]  # how the counts were gathered (decoder tokens, beam, ...)
     pairs: Dict[str, PairStats] = field(default_factory=dict)  # keyed by "src-tgt"
+    runs: List[Run] = field(default_factory=list)  # the recording runs counted here, by id
 
     def to_json(self) -> Dict[str, Any]:
         return {
@@ -115,6 +191,7 @@ class MoEStats:
             "reap_scale": REAP_SCALE,
             "model": self.fingerprint.to_json(),
             "settings": self.settings,
+            "runs": [run.to_json() for run in sorted(self.runs, key=lambda run: run.id)],
             "pairs": {
                 pair: {
                     "sentences": stats.sentences,
@@ -125,33 +202,75 @@ class MoEStats:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "MoEStats":
-        if data.get("format") != FORMAT:
+    def from_json(cls, data: Any) -> "MoEStats":
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise StatsError("not a fairseq-moe-prune statistics file")
-        if data.get("version") != VERSION or data.get("prob_scale") != PROB_SCALE or data.get("reap_scale") != REAP_SCALE:
-            raise StatsError(f"statistics format version {data.get('version')} is not supported (need {VERSION}); "
-                             "record them again with this version")
-        pairs = {
-            pair: PairStats(
-                int(entry["sentences"]),
-                {prefix: LayerCounts.from_json(counts) for prefix, counts in entry["layers"].items()},
-            )
-            for pair, entry in data["pairs"].items()
-        }
-        return cls(Fingerprint.from_json(data["model"]), dict(data["settings"]), pairs)
+        if (data.get("version") not in READABLE_VERSIONS or data.get("prob_scale") != PROB_SCALE
+                or data.get("reap_scale") != REAP_SCALE):
+            raise StatsError(f"statistics format version {str(data.get('version'))[:20]} is not supported "
+                             f"(need {VERSION}); record them again with this version")
+        fingerprint = Fingerprint.from_json(data["model"])
+        if not isinstance(data["settings"], dict):
+            raise StatsError("settings is not an object")
+        if not isinstance(data["pairs"], dict):
+            raise StatsError("pairs is not an object")
+        experts = dict(fingerprint.layers)
+        pairs = {}
+        for pair, entry in data["pairs"].items():
+            split_pair(pair)
+            if not isinstance(entry, dict) or not isinstance(entry["layers"], dict):
+                raise StatsError(f"pairs.{pair} is not an object with layers")
+            if set(entry["layers"]) != set(experts):
+                raise StatsError(f"pairs.{pair}: its layers ({', '.join(sorted(entry['layers']))[:80]}) "
+                                 "are not the model's MoE layers")
+            layers = {prefix: LayerCounts.from_json(counts, experts[prefix], f"pairs.{pair}.{prefix}")
+                      for prefix, counts in entry["layers"].items()}
+            pairs[pair] = PairStats(whole_number(entry["sentences"], f"pairs.{pair}.sentences"), layers)
+        runs = data.get("runs", [])
+        if not isinstance(runs, list):
+            raise StatsError("runs is not a list")
+        return cls(fingerprint, dict(data["settings"]), pairs, [Run.from_json(run) for run in runs])
 
 
-def split_pair(pair: str) -> Tuple[str, str]:
+def split_pair(pair: Any) -> Tuple[str, str]:
+    """``eng_Latn-deu_Latn`` -> (``eng_Latn``, ``deu_Latn``); anything else is a one-line error."""
+    if not isinstance(pair, str):
+        raise StatsError(f"language pair {str(pair)[:40]!r} is not of the form SRC-TGT")
     source, _, target = pair.partition("-")
     if not source or not target:
-        raise StatsError(f"language pair {pair!r} is not of the form SRC-TGT")
-    return source, target
+        raise StatsError(f"language pair {pair[:40]!r} is not of the form SRC-TGT")
+    return check_language(source, f"language pair {pair[:40]!r}: source"), check_language(target, f"language pair {pair[:40]!r}: target")
+
+
+def identify_runs(stats: MoEStats, subset: str, subset_sentences: int) -> MoEStats:
+    """``stats`` of one recording run, listed as that run: one entry per pair, its id a digest of what it recorded.
+
+    The id depends only on the model, the settings, the pair's counts and the subset, so the same
+    inputs give the same file, and two files holding the same recording cannot be merged.
+    """
+    runs = []
+    for pair, pair_stats in sorted(stats.pairs.items()):
+        content = MoEStats(stats.fingerprint, stats.settings, {pair: pair_stats}).to_json()
+        content["runs"] = [{"subset": subset, "subset_sentences": subset_sentences}]
+        digest = hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        runs.append(Run(digest, pair, subset, subset_sentences))
+    return MoEStats(stats.fingerprint, stats.settings, stats.pairs, runs)
 
 
 def write_atomic(path: str, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the new one, never a mix."""
     with atomic_open(path, "w") as f:
         f.write(text)
+
+
+def is_stats_file(path: str) -> bool:
+    """Whether ``path`` starts like a file :func:`save` writes (canonical JSON: "format" comes first)."""
+    head = json.dumps({"format": FORMAT}, separators=(",", ":"))[:-1]
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(head)).decode("utf-8", "replace") == head
+    except OSError:
+        return False
 
 
 def save(stats: MoEStats, path: str) -> None:
@@ -164,12 +283,16 @@ def load(path: str) -> MoEStats:
             data = json.load(f)
     except FileNotFoundError:
         raise StatsError(f"{path}: no such statistics file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise StatsError(f"{path}: not a statistics file ({error.msg if hasattr(error, 'msg') else error})") from None
+    except OSError as error:
+        raise StatsError(f"{path}: cannot read the statistics file ({error.strerror or error})") from None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, too deep or too long
+        raise StatsError(f"{path}: not a statistics file ({getattr(error, 'msg', None) or type(error).__name__})") from None
     try:
         return MoEStats.from_json(data)
-    except (KeyError, TypeError) as error:
-        raise StatsError(f"{path}: malformed statistics file (missing {error})") from None
+    except KeyError as error:
+        raise StatsError(f"{path}: malformed statistics file (missing {str(error)[:60]})") from None
+    except (TypeError, AttributeError):
+        raise StatsError(f"{path}: malformed statistics file (an entry has the wrong type)") from None
     except StatsError as error:
         raise StatsError(f"{path}: {error}") from None
 
@@ -182,17 +305,40 @@ def check_compatible(a: MoEStats, b: MoEStats, what: str = "statistics") -> None
         raise StatsError(f"{what} were gathered with different settings: {', '.join(differing)}")
 
 
-def merge(all_stats: Iterable[MoEStats]) -> MoEStats:
-    """Add the counts of several runs (per pair); refuses runs over different models or settings."""
+def merge(all_stats: Iterable[MoEStats], names: Optional[Sequence[str]] = None) -> MoEStats:
+    """Add the counts of several runs (per pair); refuses runs over different models or settings,
+    and one run counted twice (``names`` name the inputs in that error)."""
     all_stats = list(all_stats)
+    names = list(names) if names is not None else [f"input {n + 1}" for n in range(len(all_stats))]
     if not all_stats:
         raise StatsError("nothing to merge")
     first = all_stats[0]
     merged = MoEStats(first.fingerprint, dict(first.settings), {})
-    for stats in all_stats:
+    seen: Dict[str, str] = {}  # run id -> the input it came from
+    for name, stats in zip(names, all_stats):
         check_compatible(first, stats)
+        for run in stats.runs:
+            if run.id in seen:
+                raise StatsError(f"{name} and {seen[run.id]} both hold the recording of {run.pair} on {run.subset} "
+                                 f"(run {run.id[:12]}); merging it twice would count its sentences twice")
+            seen[run.id] = name
+            merged.runs.append(run)
         for pair, pair_stats in stats.pairs.items():
             merged.pairs[pair] = merged.pairs[pair] + pair_stats if pair in merged.pairs else pair_stats
+    return merged
+
+
+def merge_files(out: str, inputs: Sequence[str], force: bool = False) -> MoEStats:
+    """``stats merge``: add up the files ``inputs`` into ``out``; never writes over one of the inputs."""
+    for path in inputs:
+        if os.path.exists(out) and os.path.exists(path) and os.path.samefile(out, path):
+            raise StatsError(f"{out} is also one of the inputs (inputs are never overwritten)")
+    if os.path.isdir(out):
+        raise StatsError(f"{out} is a folder; name the statistics file to write")
+    if os.path.exists(out) and not force:
+        raise StatsError(f"{out} exists (use --force to overwrite)")
+    merged = merge([load(path) for path in inputs], inputs)
+    save(merged, out)
     return merged
 
 
@@ -218,6 +364,17 @@ def total(stats: MoEStats, pairs: Optional[Iterable[str]] = None) -> Dict[str, L
     return result
 
 
+def coverage(stats: MoEStats, pair: str) -> str:
+    """How much of the subsets its runs were given a pair's sentences cover, e.g. `` of 37 in valid (100.0%)``."""
+    runs = [run for run in stats.runs if run.pair == pair]
+    if not runs:
+        return " (subset size not recorded)"
+    given = sum(run.subset_sentences for run in runs)
+    subsets = ", ".join(sorted({run.subset for run in runs}))
+    share = stats.pairs[pair].sentences / given * 100 if given else 0.0
+    return f" of {given} in {subsets} ({share:.1f}% covered)"
+
+
 def summary(stats: MoEStats, top: int = 5) -> str:
     """A per-layer table of the most and least used experts (share of tokens as first choice)."""
     lines = [
@@ -225,7 +382,7 @@ def summary(stats: MoEStats, top: int = 5) -> str:
         f"settings: {json.dumps(stats.settings, sort_keys=True)}",
     ]
     for pair, pair_stats in sorted(stats.pairs.items()):
-        lines.append(f"{pair}: {pair_stats.sentences} sentences")
+        lines.append(f"{pair}: {pair_stats.sentences} sentences{coverage(stats, pair)}")
     lines.append(f"{'layer':<28} {'tokens':>9}  most used (expert:top1%)  |  least used")
     for prefix, counts in total(stats).items():
         share = counts.top1 / max(counts.tokens, 1) * 100

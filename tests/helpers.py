@@ -125,3 +125,28 @@ def pad(sentences: Sequence[torch.Tensor], left: bool) -> Tuple[torch.Tensor, to
         tokens[i, columns] = sentence
         mask[i, columns] = 1
     return tokens, mask
+
+
+def tiny_checkpoint_with_stats(folder: Path, pairs: Sequence[str] = ("src-tgt", "tgt-src")) -> Tuple[Path, Path]:
+    """A tiny MoE checkpoint (4 experts in encoder and decoder layer 1) and a statistics file for it.
+
+    The counts are made up (expert e is first choice of e + 1 tokens), enough to rank and prune by.
+    """
+    import numpy as np
+
+    from fairseq_moe_prune import stats
+    from fairseq_moe_prune.recording import model_fingerprint
+
+    cfg, _, model = build_tiny_model(folder / "data")
+    save_like_trainer(cfg, model, folder / "model.pt")
+    fingerprint = model_fingerprint(model)
+    recorded = stats.MoEStats(fingerprint, {"beam": 1}, {})
+    for pair in pairs:
+        layers = {}
+        for prefix, experts in fingerprint.layers:
+            top1 = np.arange(1, experts + 1, dtype=np.int64)
+            layers[prefix] = stats.LayerCounts(int(top1.sum()), top1, 2 * top1, top1 * 2**31, top1 * 2**31,
+                                               top1 * 2**30, top1, top1, top1 * 2**20)
+        recorded.pairs[pair] = stats.PairStats(3, layers)
+    stats.save(stats.identify_runs(recorded, "valid", 3), str(folder / "stats.json"))
+    return folder / "model.pt", folder / "stats.json"

@@ -1,10 +1,14 @@
 """fairseq-moe-prune prune on a trained model; stock fairseq-generate and fairseq-train use the result."""
 
+import json
 import re
 
 import pytest
 
+from fairseq_moe_prune import cli
+from fairseq_moe_prune.checkpoints.convert import convert
 from tests.conftest import multilingual_args, run_cli
+from tests.helpers import tiny_checkpoint_with_stats
 
 pytestmark = pytest.mark.slow
 
@@ -73,3 +77,63 @@ def test_cli_mistakes_give_one_line_and_exit_1(trained, recorded_stats, tmp_path
         assert result.stderr.strip().splitlines() == [f"fairseq-moe-prune: error: {result.stderr.split('error: ', 1)[1].strip()}"]
         assert message in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A tiny checkpoint (4 + 4 experts) and statistics for it, built in-process."""
+    return tiny_checkpoint_with_stats(tmp_path / "in")
+
+
+def prune_args(checkpoint, stats_path, out, *extra):
+    return ["prune", str(checkpoint), "--stats", str(stats_path), "--out", str(out), "--prune-fraction", "0.5",
+            "--ratio", "1:1", *extra]
+
+
+def test_prune_never_writes_over_an_input_even_with_force(tiny, tmp_path, capsys):
+    checkpoint, stats_path = tiny
+    convert(str(checkpoint), str(tmp_path / "sharded"), "sharded")
+    shared = tmp_path / "sharded" / "model-shared.pt"
+    before = {path: path.read_bytes() for path in [checkpoint, stats_path, *(tmp_path / "sharded").iterdir()]}
+    for source, out in [(checkpoint, checkpoint), (checkpoint, checkpoint.parent), (checkpoint, stats_path),
+                        (checkpoint, tmp_path), (shared, tmp_path / "sharded"), (shared, shared)]:
+        assert cli.main(prune_args(source, stats_path, out, "--force")) == 1
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"fairseq-moe-prune: error: {out} and the input {source if out != stats_path else stats_path} overlap "
+            "(inputs are never modified)"]
+    assert {path: path.read_bytes() for path in before} == before
+
+
+def test_names_from_a_statistics_file_never_leave_the_output_folder(tiny, tmp_path, capsys):
+    checkpoint, stats_path = tiny
+    data = json.loads(stats_path.read_text())
+    data["pairs"]["./../../x-tgt"] = data["pairs"].pop("src-tgt")
+    (tmp_path / "evil.json").write_text(json.dumps(data))
+    out = tmp_path / "a" / "b" / "out"
+    assert cli.main(prune_args(checkpoint, tmp_path / "evil.json", out)) == 1
+    assert "is not a language name" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not list(tmp_path.rglob("x-tgt*"))
+    assert cli.main(prune_args(checkpoint, stats_path, out, "--directions", "src-../tgt")) == 1
+    assert "is not a language name" in capsys.readouterr().err
+
+
+def test_prune_output_names_and_what_an_impossible_budget_needs(tiny, tmp_path, capsys):
+    checkpoint, stats_path = tiny
+    assert cli.main(prune_args(checkpoint, stats_path, f"{tmp_path / 'pruned'}/")) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'pruned' / 'src-tgt.pt'}: kept 4 experts (50.0% pruned)" in out and "//" not in out
+    assert cli.main(["prune", str(checkpoint), "--stats", str(stats_path), "--out", str(tmp_path / "x"),
+                     "--keep", "5", "--ratio", "3:1"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "fairseq-moe-prune: error: the budget leaves 1 experts in decoder.layers.1.moe_layer; at least 2 are needed: "
+        "with --ratio 3:1 keep at least 8 of 8 (--keep 8 or --prune-fraction 0), or use --ratio 1:1 for this budget")
+
+
+def test_statistics_without_pairs_are_refused(tiny, tmp_path, capsys):
+    checkpoint, stats_path = tiny
+    data = json.loads(stats_path.read_text())
+    data.update(pairs={}, runs=[])
+    (tmp_path / "empty.json").write_text(json.dumps(data))
+    assert cli.main(prune_args(checkpoint, tmp_path / "empty.json", tmp_path / "out")) == 1
+    assert "holds no language pairs" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -172,7 +172,7 @@ def test_user_mistakes_are_refused_and_leave_nothing_behind(recorded):
     assert not os.path.exists(out) and not list(tmp_path.glob(".staging-*"))
 
     prune(model, out, half, stats_path=stats_path)
-    with pytest.raises(stats.StatsError, match="exists"):
+    with pytest.raises(CheckpointError, match="exists"):
         prune(model, out, half, stats_path=stats_path)
     manifest = prune(model, out, PruneOptions(granularity="pair", prune_fraction=0.25, ratio="1:1"),
                      stats_path=stats_path, force=True)

@@ -16,6 +16,7 @@ from fairseq_moe_prune.checkpoints.layouts import SHARED_SUFFIX, open_checkpoint
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
 from fairseq_moe_prune.checkpoints.surgery import (
     PrunedCheckpoint,
+    check_output,
     prune_checkpoint,
     save_sharded,
     save_single,
@@ -62,11 +63,7 @@ def convert(src: str, out: str, target: str, source_format: Optional[str] = None
                               f"a sharded one is given by its X{SHARED_SUFFIX})")
     if target not in FORMATS:
         raise CheckpointError(f"unknown format {target!r} (one of {', '.join(FORMATS)})")
-    source, output = os.path.abspath(src), os.path.abspath(out)
-    if os.path.commonpath([source, output]) in (source, output):
-        raise CheckpointError(f"{out} and the input {src} overlap (inputs are never modified)")
-    if os.path.exists(out) and not force:
-        raise CheckpointError(f"{out} exists (use --force to replace it)")
+    check_output(out, [src], force)
     if target == "single" and os.path.isdir(out):
         raise CheckpointError(f"{out} is a folder; a single-file checkpoint needs a file name")
 

@@ -14,10 +14,14 @@ outputs are not NLLB's.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import math
 import os
 import re
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+import warnings
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -161,65 +165,109 @@ def hf_config(config: Any, vocab_size: int, dtype: torch.dtype) -> Any:
     return transformers_module().NllbMoeConfig(**fields)
 
 
-def fairseq_model_args(config: Any) -> List[str]:
-    """fairseq command-line options for the model an ``NllbMoeConfig`` describes (refusing what fairseq lacks)."""
+SECOND_EXPERT_POLICIES = ("all", "sampling", "random")
+
+
+def config_field(config: Any, name: str, kind: str) -> Any:
+    """``config.name`` (a value from config.json), checked against what the field can be.
+
+    ``kind``: "bool", "count" (an int >= 1), "fraction" (a finite number in [0, 1]) or "number"
+    (any finite number). The value is returned as that type; anything else is a one-line error.
+    """
+    value = getattr(config, name, None)
+    shown = repr(value)[:60]
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise CheckpointError(f"config.json: {name} must be true or false, got {shown}")
+        return value
+    if kind == "count":
+        if type(value) is not int or value < 1:
+            raise CheckpointError(f"config.json: {name} must be a whole number >= 1, got {shown}")
+        return value
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise CheckpointError(f"config.json: {name} must be a number, got {shown}")
+    if kind == "fraction" and not 0 <= value <= 1:
+        raise CheckpointError(f"config.json: {name} must be in [0, 1], got {shown}")
+    return float(value)
+
+
+def config_choice(config: Any, name: str, choices: Tuple[str, ...]) -> str:
+    value = getattr(config, name, None)
+    if value not in choices:
+        raise CheckpointError(f"config.json: {name} must be one of {', '.join(choices)}, got {repr(value)[:60]}")
+    return value
+
+
+def fairseq_model_values(config: Any) -> Dict[str, Any]:
+    """fairseq model fields for the model an ``NllbMoeConfig`` describes, every value checked.
+
+    Nothing read from config.json reaches a command line: each value is checked against its type
+    and allowed choices, and set on the config object directly (see :func:`fairseq_state`).
+    """
     if config.model_type != "nllb-moe":
         raise CheckpointError(f"not an NLLB-MoE model (model_type {config.model_type!r})")
-    if config.router_bias:
+    if config_field(config, "router_bias", "bool"):
         raise CheckpointError("fairseq's NLLB gate has no bias; this model's router has one")
-    if not config.tie_word_embeddings:
+    if not config_field(config, "tie_word_embeddings", "bool"):
         raise CheckpointError("fairseq's NLLB shares one embedding between encoder, decoder and output; "
                               "this model does not tie them")
-    if config.activation_function not in ACTIVATIONS:
-        raise CheckpointError(f"activation {config.activation_function} is not one of {', '.join(ACTIVATIONS)}")
     for name, value in SPECIAL_IDS.items():
-        if getattr(config, name) != value:
-            raise CheckpointError(f"{name} is {getattr(config, name)}, but a fairseq dictionary has {value}")
-    values = {fairseq: getattr(config, hf) for fairseq, hf in CONFIG_TABLE}
+        if getattr(config, name, None) != value:
+            raise CheckpointError(f"{name} is {repr(getattr(config, name, None))[:60]}, but a fairseq dictionary has {value}")
+    kinds = {
+        "d_model": "count", "encoder_layers": "count", "decoder_layers": "count", "encoder_ffn_dim": "count",
+        "decoder_ffn_dim": "count", "encoder_attention_heads": "count", "decoder_attention_heads": "count",
+        "dropout": "fraction", "attention_dropout": "fraction", "activation_dropout": "fraction",
+        "encoder_layerdrop": "fraction", "decoder_layerdrop": "fraction",
+        "normalize_router_prob_before_dropping": "bool", "batch_prioritized_routing": "bool",
+        "moe_eval_capacity_token_fraction": "number", "moe_token_dropout": "fraction",
+    }
+    hf_values: Dict[str, Any] = {name: config_field(config, name, kind) for name, kind in kinds.items()}
+    hf_values["activation_function"] = config_choice(config, "activation_function", ACTIVATIONS)
+    hf_values["second_expert_policy"] = config_choice(config, "second_expert_policy", SECOND_EXPERT_POLICIES)
+    values = {fairseq: hf_values[hf] for fairseq, hf in CONFIG_TABLE}
+    d_model = hf_values["d_model"]
     values.update(
-        decoder_embed_dim=config.d_model,
+        decoder_embed_dim=d_model,
+        decoder_output_dim=d_model,
+        decoder_input_dim=d_model,
         encoder_normalize_before=True,
         decoder_normalize_before=True,
         share_all_embeddings=True,
-        no_scale_embedding=not config.scale_embedding,
-        max_source_positions=config.max_position_embeddings,
-        max_target_positions=config.max_position_embeddings,
-        encoder_moe_freq=config.encoder_sparse_step,
-        decoder_moe_freq=config.decoder_sparse_step,
-        moe_expert_count=config.num_experts,
-        moe_gating_use_fp32=config.router_dtype == "float32",
-        use_moe_pad_mask=not config.router_ignore_padding_tokens,
+        no_scale_embedding=not config_field(config, "scale_embedding", "bool"),
+        max_source_positions=config_field(config, "max_position_embeddings", "count"),
+        max_target_positions=config_field(config, "max_position_embeddings", "count"),
+        encoder_moe_freq=config_field(config, "encoder_sparse_step", "count"),
+        decoder_moe_freq=config_field(config, "decoder_sparse_step", "count"),
+        moe_expert_count=config_field(config, "num_experts", "count"),
+        moe_gating_use_fp32=getattr(config, "router_dtype", None) == "float32",
+        use_moe_pad_mask=not config_field(config, "router_ignore_padding_tokens", "bool"),
     )
-    args = []
-    for name, value in values.items():
-        flag = "--" + name.replace("_", "-")
-        if value is True:
-            args.append(flag)
-        elif value is not False:
-            args += [flag, str(value)]
-    return args
+    return values
 
 
 def fairseq_state(config: Any) -> Dict[str, Any]:
     """Everything but the weights of a fairseq checkpoint for this HF model, as ``fairseq-train`` lays it out.
 
-    The config comes from fairseq's own parser (architecture ``moe_transformer``, task
-    ``translation``), so every field a stock fairseq expects is there.
+    fairseq's own parser gives every field a stock fairseq expects (architecture ``moe_transformer``,
+    task ``translation``) from a fixed command line; the model's values are then set on that config.
     """
     from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from omegaconf import OmegaConf
 
+    values = fairseq_model_values(config)
     user_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    parser = options.get_training_parser()
-    try:
+    with quiet_hydra():
+        parser = options.get_training_parser()
         args = options.parse_args_and_arch(parser, ["", "--task", "translation", "--arch", "moe_transformer",
-                                                    "--user-dir", user_dir, *fairseq_model_args(config)])
-    except SystemExit:  # argparse already printed why
-        raise CheckpointError("fairseq refused the converted model options") from None
+                                                    "--user-dir", user_dir])
+        for name, value in values.items():
+            setattr(args, name, value)
+        cfg = convert_namespace_to_omegaconf(args)
     return {
         "args": None,
-        "cfg": OmegaConf.to_container(convert_namespace_to_omegaconf(args), resolve=True, enum_to_str=True),
+        "cfg": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         "criterion": None,
         "optimizer_history": [{"criterion_name": "CrossEntropyCriterion", "optimizer_name": None,
                                "lr_scheduler_state": {}, "num_updates": 0}],
@@ -227,6 +275,22 @@ def fairseq_state(config: Any) -> Dict[str, Any]:
         "extra_state": {},
         "last_optimizer_state": None,
     }
+
+
+@contextlib.contextmanager
+def quiet_hydra() -> Iterator[None]:
+    """fairseq's config conversion goes through hydra, which warns about its own deprecations (25 lines)."""
+    loggers = [logging.getLogger(name) for name in ("hydra", "fairseq.utils")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
 
 
 def weight_files(folder: str) -> List[str]:
@@ -248,6 +312,36 @@ def _natural(key: str) -> List[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
 
 
+def read_config(folder: str) -> Any:
+    """The ``NllbMoeConfig`` in ``folder``/config.json (values still unchecked: see :func:`fairseq_model_values`)."""
+    transformers = transformers_module()
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise CheckpointError(f"{folder}: a folder without config.json (neither a Hugging Face model nor a checkpoint)")
+    try:
+        with quiet_hydra():  # transformers' own warnings too
+            return transformers.AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise CheckpointError(f"{folder}: no readable Hugging Face config.json ({str(error).splitlines()[0][:200]})") from None
+
+
+def describe_hf(folder: str) -> str:
+    """A few lines on a Hugging Face NllbMoe folder, in the form ``info`` gives for fairseq checkpoints."""
+    config = read_config(folder)
+    values = fairseq_model_values(config)
+    try:
+        specs = moe_layers(values)
+    except MoEConfigError as error:
+        raise CheckpointError(f"{folder}: {error}") from None
+    files = weight_files(folder)
+    lines = [f"{folder}: Hugging Face NllbMoe model, {len(specs)} MoE layers, "
+             f"{sum(s.num_experts for s in specs)} experts ({len(files)} safetensors file{'s' * (len(files) > 1)}; "
+             "convert it with `fairseq-moe-prune convert` to prune it)"]
+    for spec in specs:
+        ffn = values[f"{spec.side}_ffn_embed_dim"]
+        lines.append(f"  {spec.prefix:<32} {spec.num_experts:>4} experts  ffn {ffn}  dim {values['encoder_embed_dim']}")
+    return "\n".join(lines)
+
+
 def read_hf(folder: str) -> PrunedCheckpoint:
     """An HF NllbMoe folder as a fairseq checkpoint to write: a fairseq config and references to its tensors.
 
@@ -255,11 +349,7 @@ def read_hf(folder: str) -> PrunedCheckpoint:
     """
     from safetensors import SafetensorError, safe_open
 
-    transformers = transformers_module()
-    try:
-        config = transformers.AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{folder}: no readable Hugging Face config.json ({error})") from None
+    config = read_config(folder)
     tensors: Dict[str, SourceTensor] = {}
     for path in weight_files(folder):
         try:

@@ -4,6 +4,12 @@ torch >= 2.6 already loads with ``weights_only=True``, which refuses the one cla
 pickles into its checkpoints (``argparse.Namespace``, the legacy model config). We allowlist
 exactly that, and check every checkpoint statically before loading it, so that a pickle that
 names anything else is refused with one line, even under ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``.
+
+The static check reads every pickle torch would unpickle, in both formats: each ``*.pkl`` record
+of a zip checkpoint, and the five pickles at the head of a legacy (pre-1.6, non-zip) one. Every
+global a pickle names (``GLOBAL``, ``INST``, ``STACK_GLOBAL``) must be on the allowlist; a
+``STACK_GLOBAL`` whose name is not two plain strings, a copyreg extension, the pre-0.4 tar format
+and TorchScript archives are refused outright. A file the check cannot read is refused too.
 """
 
 from __future__ import annotations
@@ -12,16 +18,20 @@ import argparse
 import functools
 import os
 import pickle
+import pickletools
+import tarfile
 import zipfile
-from typing import Any, Callable, Dict, List
+from typing import IO, Any, Callable, Dict, List, Optional, Set
 
 import torch
+
+from fairseq_moe_prune.errors import FairseqMoEPruneError
 
 # Every class a checkpoint may name besides torch's own tensors and containers.
 SAFE_GLOBALS: List[type] = [argparse.Namespace]
 
 
-class CheckpointError(Exception):
+class CheckpointError(FairseqMoEPruneError):
     """A checkpoint cannot be used; the message is one line meant for the user."""
 
 
@@ -35,18 +45,105 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def refusal_reason(error: BaseException) -> str:
+    """Why torch's weights-only unpickler refused a file, without its advice to load it unsafely."""
+    for line in str(error).splitlines():
+        line = line.replace("WeightsUnpickler error:", "").strip()
+        if line and not any(word in line for word in ("weights_only", "Weights only", "torch.load", "http")):
+            return line
+    return "it holds objects outside fairseq-moe-prune's allowlist of safe classes"
+
+
 def install_allowlist() -> None:
     torch.serialization.add_safe_globals(SAFE_GLOBALS)
 
 
-def unsafe_globals(path: str) -> List[str]:
-    """Classes and functions the pickle in ``path`` names that the allowlist does not cover."""
+def allowed_globals() -> Set[str]:
+    """Names (``module.qualname``) that torch's weights-only unpickler accepts, ours included."""
+    from torch import _weights_only_unpickler
+
     install_allowlist()
+    return set(_weights_only_unpickler._get_allowed_globals()) | set(_weights_only_unpickler._get_user_allowed_globals())
+
+
+# opcodes that push a string; those that leave the stack as it is; the memo's readers and writers
+STRING_OPS = {"UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "STRING", "BINSTRING", "SHORT_BINSTRING"}
+NEUTRAL_OPS = {"PROTO", "FRAME", "PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
+GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
+PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
+
+
+def pickle_globals(stream: IO[bytes]) -> Set[str]:
+    """Every global one pickle (read from ``stream`` up to its STOP) names, without unpickling it.
+
+    ``STACK_GLOBAL`` takes its name from the two values on top of the stack: we follow string pushes
+    and the memo, and anything we cannot follow becomes a name that no allowlist holds.
+    """
+    names: Set[str] = set()
+    memo: Dict[int, Optional[str]] = {}
+    pushed: List[Optional[str]] = []  # what the ops pushed, None where not a known string
+    for opcode, arg, _ in pickletools.genops(stream):
+        op = opcode.name
+        if op in ("GLOBAL", "INST"):
+            module, _, name = str(arg).partition(" ")
+            names.add(f"{module}.{name}")
+        elif op == "STACK_GLOBAL":
+            module, name = pushed if len(pushed) == 2 else (None, None)
+            names.add(f"{module}.{name}" if isinstance(module, str) and isinstance(name, str)
+                      else "<a global named by computed values>")
+        elif op.startswith("EXT"):
+            names.add(f"<copyreg extension {arg}>")
+        if op in PUT_OPS:
+            memo[arg] = pushed[-1] if pushed else None
+        elif op == "MEMOIZE":
+            memo[len(memo)] = pushed[-1] if pushed else None
+        if op in STRING_OPS:
+            pushed.append(arg if isinstance(arg, str) else None)
+        elif op in GET_OPS:
+            pushed.append(memo.get(arg))
+        elif op not in NEUTRAL_OPS:
+            pushed.append(None)
+        del pushed[:-2]
+    return names
+
+
+LEGACY_PICKLES = 5  # magic number, protocol version, system info, the checkpoint, its storage keys
+
+
+def names_in_checkpoint(path: str) -> Set[str]:
+    """Every global the pickles of a torch checkpoint (zip or legacy format) name."""
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"  # torch's own test of the format
+    if is_zip:
+        names: Set[str] = set()
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            if any(info.filename.endswith("constants.pkl") for info in infos):  # torch.jit.load's, not pickle's
+                names.add("<a TorchScript archive>")
+            for info in infos:
+                if info.filename.endswith(".pkl"):
+                    with archive.open(info) as record:
+                        names |= pickle_globals(record)
+        return names
+    if tarfile.is_tarfile(path):
+        return {"<the pre-0.4 tar checkpoint format>"}
+    names = set()
+    with open(path, "rb") as f:
+        for _ in range(LEGACY_PICKLES):
+            names |= pickle_globals(f)
+    return names
+
+
+def unsafe_globals(path: str) -> List[str]:
+    """Classes and functions the pickles in ``path`` name that the allowlist does not cover.
+
+    Raises :class:`CheckpointError` when the pickles cannot be read (truncated, corrupt, not a checkpoint).
+    """
     try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except (RuntimeError, ValueError, OSError, zipfile.BadZipFile):
-        # truncated, or the pre-1.6 format: torch.load below fails or (weights_only) still guards it
-        return []
+        names = names_in_checkpoint(path)
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({first_line(error)})") from None
+    return sorted(names - allowed_globals())
 
 
 def check_checkpoint(path: str) -> None:
@@ -67,8 +164,8 @@ def load_checkpoint(path: str, mmap: bool = True) -> Dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        raise UnsafeCheckpointError(f"{path}: refusing to load: {first_line(error)}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+        raise UnsafeCheckpointError(f"{path}: refusing to load: {refusal_reason(error)}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
         if mmap and "mmap" in str(error) and not zipfile.is_zipfile(path):
             return load_checkpoint(path, mmap=False)  # the pre-1.6 format cannot be memory-mapped
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({first_line(error)})") from None
@@ -96,7 +193,9 @@ def guard_fairseq_loading() -> None:
         try:
             return original(path, *args, **kwargs)
         except pickle.UnpicklingError as error:
-            raise SystemExit(f"error: {path}: refusing to load: {first_line(error)}") from None
+            raise SystemExit(f"error: {path}: refusing to load: {refusal_reason(error)}") from None
+        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError) as error:
+            raise SystemExit(f"error: {path}: not a readable fairseq checkpoint ({first_line(error)})") from None
 
     load_checkpoint_to_cpu._moe_prune_guarded = True  # type: ignore[attr-defined]
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu

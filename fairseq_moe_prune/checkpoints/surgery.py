@@ -121,6 +121,18 @@ def save_sharded(pruned: PrunedCheckpoint, shared_path: str, fp16: bool = False)
     return paths
 
 
+def check_output(out: str, inputs: List[str], force: bool) -> None:
+    """Refuse an output that is, contains or lies inside one of the ``inputs``, even with ``force``
+    (inputs are never modified), and an existing output without ``force``."""
+    output = os.path.realpath(out)
+    for path in inputs:
+        source = os.path.realpath(path)
+        if os.path.commonpath([source, output]) in (source, output):
+            raise CheckpointError(f"{out} and the input {path} overlap (inputs are never modified)")
+    if os.path.exists(out) and not force:
+        raise CheckpointError(f"{out} exists (use --force to replace it)")
+
+
 def publish_directory(staging: str, out: str, force: bool) -> None:
     """Move a finished staging folder to ``out``; an existing ``out`` is replaced only with ``force``."""
     if os.path.exists(out):

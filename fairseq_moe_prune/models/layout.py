@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence
 
+from fairseq_moe_prune.errors import FairseqMoEPruneError
+
 SIDES = ("encoder", "decoder")
 
 
-class MoEConfigError(ValueError):
+class MoEConfigError(FairseqMoEPruneError, ValueError):
     """The MoE fields of a model config are inconsistent."""
 
 

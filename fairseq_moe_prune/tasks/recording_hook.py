@@ -8,7 +8,10 @@ sentence's final hypothesis, so pruned, finished-early and padded beams never co
 
 import atexit
 import contextlib
+import inspect
 import logging
+import os
+import re
 import signal
 import sys
 import time
@@ -41,10 +44,20 @@ class GateRecordingConfig(FairseqDataclass):
 
 
 class StatsWriter:
-    """Writes the recorder's committed counts now and then, and once more when the process ends."""
+    """Writes the recorder's committed counts now and then, and once more when the process ends.
 
-    def __init__(self, recorder: Recorder, path: str, every_seconds: float):
+    The file lists the run (an identity and the size of the subset it was given), so that
+    ``stats show`` can tell how much of the subset was counted and ``stats merge`` refuses it twice.
+    """
+
+    def __init__(self, recorder: Recorder, path: str, every_seconds: float, subset: Optional[str] = None,
+                 subset_sentences: int = 0):
+        if os.path.isdir(path):
+            raise SystemExit(f"error: --moe-stats-out {path} is a folder; name the statistics file to write")
+        if os.path.exists(path) and not stats.is_stats_file(path):
+            raise SystemExit(f"error: --moe-stats-out {path} exists and is not a statistics file (refusing to replace it)")
         self.recorder, self.path, self.every_seconds = recorder, path, every_seconds
+        self.subset, self.subset_sentences = subset, subset_sentences
         self.last_write = time.monotonic()
         self.write()  # a valid (empty) file from the start
         atexit.register(self.write)
@@ -52,7 +65,13 @@ class StatsWriter:
             signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     def write(self) -> None:
-        stats.save(self.recorder.snapshot(), self.path)
+        recorded = self.recorder.snapshot()
+        if self.subset is not None:
+            recorded = stats.identify_runs(recorded, self.subset, self.subset_sentences)
+        try:
+            stats.save(recorded, self.path)
+        except OSError as error:
+            raise SystemExit(f"error: --moe-stats-out {self.path}: {error.strerror or error}") from None
         self.last_write = time.monotonic()
 
     def maybe_write(self) -> None:
@@ -86,6 +105,8 @@ class GateRecordingMixin:
 
     recorder: Optional[Recorder] = None
     stats_writer: Optional[StatsWriter] = None
+    recording_subset: Optional[str] = None  # the subset being translated, and its sentences (this shard's)
+    recording_subset_sentences: int = 0
 
     def _recording_option(self, name: str) -> Any:
         config = getattr(self, "args", None) or self.cfg
@@ -115,10 +136,37 @@ class GateRecordingMixin:
                 "beam": int(getattr(generator, "beam_size", 1)),
                 "eval_capacity_token_fraction": float(getattr(model.args, "moe_eval_capacity_token_fraction", 0)),
             }
-            self.recorder = Recorder(model, settings)
-            self.stats_writer = StatsWriter(self.recorder, path, float(self._recording_option("moe_stats_flush_seconds")))
+            try:
+                self.recorder = Recorder(model, settings)
+            except ValueError as error:  # no MoE layers, inconsistent MoE fields
+                raise SystemExit(f"error: --moe-stats-out: {error}") from None
+            self.stats_writer = StatsWriter(self.recorder, path, float(self._recording_option("moe_stats_flush_seconds")),
+                                            self.recording_subset, self.recording_subset_sentences)
             logger.info(f"recording MoE gate decisions of {len(self.recorder.specs)} layers into {path}")
         return generator
+
+    def get_batch_iterator(self, dataset, *args, **kwargs):
+        """When recording, every sentence counts: fairseq's batching drops a last partial batch when
+        ``--required-batch-size-multiple`` is above 1, so it is 1 whatever the flags say."""
+        if not self._recording_option("moe_stats_out"):
+            return super().get_batch_iterator(dataset, *args, **kwargs)
+        call = inspect.signature(super().get_batch_iterator).bind(dataset, *args, **kwargs)
+        call.arguments["required_batch_size_multiple"] = 1
+        iterator = super().get_batch_iterator(*call.args, **call.kwargs)
+        num_shards, shard_id = call.arguments.get("num_shards", 1), call.arguments.get("shard_id", 0)
+        sentences = len(dataset)
+        if num_shards > 1:
+            sentences = sum(len(batch) for batch in iterator.frozen_batches[shard_id::num_shards])
+        named = [name for name, known in self.datasets.items() if known is dataset]
+        if named:
+            self.recording_subset, self.recording_subset_sentences = named[0], sentences
+        else:  # fairseq-interactive: one dataset per chunk of input
+            self.recording_subset = "input"
+            self.recording_subset_sentences += sentences
+        self.recording_subset = re.sub(r"[^A-Za-z0-9_.-]", "_", self.recording_subset)[:64]
+        if self.stats_writer is not None:
+            self.stats_writer.subset, self.stats_writer.subset_sentences = self.recording_subset, self.recording_subset_sentences
+        return iterator
 
     def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
         if self.recorder is None:

@@ -3,11 +3,14 @@
 import argparse
 import json
 import os
+import re
+import shutil
 
 import pytest
 import torch
 from fairseq import checkpoint_utils
 
+from fairseq_moe_prune import cli
 from fairseq_moe_prune.checkpoints.convert import convert
 from fairseq_moe_prune.checkpoints.layouts import open_checkpoint
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError, load_checkpoint
@@ -170,3 +173,54 @@ def test_refusals_are_one_line_errors_and_leave_no_output(fairseq_checkpoint, hf
         convert(str(hf_folder[0]), str(tmp_path / "x.pt"), "single", source_format="single")
     assert not (tmp_path / "hf").exists()
     assert isinstance(load_checkpoint(str(path))["cfg"]["model"], argparse.Namespace)  # input untouched, readable
+
+
+def hf_copy_with_config(hf_folder, folder, **changes):
+    """A copy of the tiny HF model whose config.json has ``changes``."""
+    shutil.copytree(hf_folder[0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_config_values_never_reach_a_command_line(hf_folder, tmp_path, capsys):
+    plugin = tmp_path / "plugin"
+    plugin.mkdir()
+    marker = tmp_path / "pwned"
+    (plugin / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    folder = hf_copy_with_config(hf_folder, tmp_path / "hf", second_expert_policy=f"--user-dir={plugin}")
+    assert cli.main(["convert", str(folder), str(tmp_path / "model.pt"), "--to", "single"]) == 1
+    [error] = capsys.readouterr().err.strip().splitlines()
+    assert error.startswith("fairseq-moe-prune: error: config.json: second_expert_policy must be one of all, "
+                            "sampling, random, got '--user-dir=")
+    assert not marker.exists() and not (tmp_path / "model.pt").exists()
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"d_model": "16"}, "d_model must be a whole number >= 1"),
+    ({"encoder_layers": True}, "encoder_layers must be a whole number >= 1"),
+    ({"dropout": float("nan")}, "dropout must be a number"),
+    ({"num_experts": 2.0}, "num_experts must be a whole number >= 1"),
+    ({"router_ignore_padding_tokens": "no"}, "router_ignore_padding_tokens must be true or false"),
+    ({"activation_function": "--cpu"}, "activation_function must be one of relu, gelu"),
+])
+def test_every_config_value_is_checked(hf_folder, tmp_path, capsys, changes, message):
+    folder = hf_copy_with_config(hf_folder, tmp_path / "hf", **changes)
+    assert cli.main(["convert", str(folder), str(tmp_path / "model.pt"), "--to", "single"]) == 1
+    error = capsys.readouterr().err
+    assert message in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_info_describes_a_hugging_face_folder(hf_folder, capsys):
+    assert cli.main(["info", str(hf_folder[0])]) == 0
+    out = capsys.readouterr().out
+    assert "Hugging Face NllbMoe model, 2 MoE layers, 8 experts" in out
+    assert re.search(r"decoder.layers.1.moe_layer\s+4 experts  ffn 32  dim 16", out)
+
+
+def test_hf_to_fairseq_prints_no_hydra_warnings(hf_folder, tmp_path, capfd):
+    assert cli.main(["convert", str(hf_folder[0]), str(tmp_path / "model.pt"), "--to", "single"]) == 0
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out.strip() == f"wrote {tmp_path / 'model.pt'}"
