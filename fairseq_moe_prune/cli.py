@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import List, Optional
 
 from fairseq_moe_prune import stats
 from fairseq_moe_prune.errors import FairseqMoEPruneError
 from fairseq_moe_prune.ranking import SelectionError
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised wherever the program is, so that staging folders and temporary files are removed."""
+
+
+def raise_terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 def cmd_user_dir(args: argparse.Namespace) -> None:
@@ -159,6 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    ours = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    if ours:
+        signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        return run(args)
+    finally:
+        if ours:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command; user mistakes, unusable inputs and signals end in one line on stderr."""
     try:
         args.run(args)
     except FairseqMoEPruneError as error:
@@ -174,6 +195,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("fairseq-moe-prune: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("fairseq-moe-prune: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
 
 

@@ -1,9 +1,64 @@
-"""Output files appear whole or not at all: written to a temporary file beside them, then renamed."""
+"""Output files appear whole or not at all: written to a temporary file beside them, then renamed.
+
+Temporary files (``.tmp-``) and staging folders (``.staging-``, see checkpoints/surgery.py) carry
+their owner in their name (a hash of the host name and the process id), so a run that was killed
+outright (SIGKILL, power loss) leaves something the next run in that folder recognises and removes.
+SIGINT and SIGTERM wait while a temporary file or folder is being created, so that one always
+exists under a name the cleanup knows.
+"""
 
 import contextlib
+import hashlib
 import os
+import re
+import shutil
+import signal
+import socket
 import tempfile
 from typing import IO, Iterator
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+LEFTOVER = re.compile(r"^\.(tmp|staging)-([0-9a-f]{8})-(\d+)-")
+
+
+def owner() -> str:
+    """``<host hash>-<pid>``: who a temporary file or staging folder belongs to."""
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    return f"{host}-{os.getpid()}"
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_leftovers(directory: str) -> None:
+    """Remove the temporary files and staging folders of dead processes of this host in ``directory``."""
+    host = owner().split("-")[0]
+    for name in os.listdir(directory):
+        match = LEFTOVER.match(name)
+        if match and match.group(2) == host and not is_alive(int(match.group(3))):
+            path = os.path.join(directory, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block ends; then they are delivered as usual."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextlib.contextmanager
@@ -11,8 +66,11 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file for writing; on success it replaces ``path``, on any error it is removed."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    remove_leftovers(directory)
+    tmp = None
     try:
+        with signals_held():  # a signal waits until the file has a name to remove
+            handle, tmp = tempfile.mkstemp(dir=directory, prefix=f".tmp-{owner()}-", suffix=os.path.basename(path))
         with os.fdopen(handle, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()
@@ -20,7 +78,7 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
         os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise
 

@@ -1,8 +1,10 @@
 """--moe-stats-out through the stock fairseq-generate: every sentence counted, interruptions survived."""
 
 import json
+import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -76,3 +78,33 @@ def test_an_interrupted_run_leaves_a_valid_file_of_whole_batches(corpus, trained
     assert 40 <= recorded.sentences < train_lines
     assert recorded.sentences % 4 == 0  # only finished batches are counted
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_every_sentence_counts_whatever_the_batch_flags_and_show_prints_coverage(corpus, trained, tmp_path):
+    path = tmp_path / "stats.json"
+    args = generate_args(corpus, trained, "test", path, "--batch-size", "8")
+    args.remove("--required-batch-size-multiple"), args.remove("1")  # fairseq's default 8 drops a last partial batch
+    result = run_cli(args)
+    assert len([line for line in result.stdout.splitlines() if line.startswith("H-")]) == TEST_SENTENCES
+    assert stats.load(str(path)).pairs["eng_Latn-deu_Latn"].sentences == TEST_SENTENCES
+    shown = run_cli([sys.executable, "-m", "fairseq_moe_prune.cli", "stats", "show", str(path)]).stdout
+    assert f"eng_Latn-deu_Latn: {TEST_SENTENCES} sentences of {TEST_SENTENCES} in test (100.0% covered)" in shown
+
+
+def test_recording_never_replaces_an_input_and_needs_the_language_list(corpus, trained, tmp_path):
+    checkpoint = tmp_path / "model.pt"
+    shutil.copyfile(trained, checkpoint)
+    before = checkpoint.read_bytes()
+    refused = run_cli(generate_args(corpus, checkpoint, "test", checkpoint), check=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: --moe-stats-out {checkpoint} exists and is not a statistics file (refusing to replace it)")
+    assert checkpoint.read_bytes() == before
+
+    args = generate_args(corpus, checkpoint, "test", tmp_path / "stats.json")
+    del args[args.index("--langs"): args.index("--langs") + 2]
+    refused = run_cli(args, check=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        "error: --task translation_multi_simple_epoch_moe needs --langs")
+    assert not (tmp_path / "stats.json").exists()

@@ -452,7 +452,7 @@ def write_hf(checkpoint: PrunedCheckpoint, folder: str, fp16: bool = False, max_
     weight_map: Dict[str, str] = {}
     total = 0
     for name, keys in zip(names, shards):
-        tensors = {key: _cast(tensor, dtype) for key, tensor in materialize({k: model[k] for k in keys}).items()}
+        tensors = {key: _cast(tensor, dtype) for key, tensor in materialize({k: model[k] for k in keys}, checkpoint.records).items()}
         save_file(tensors, os.path.join(folder, name), metadata={"format": "pt"})
         weight_map.update((key, name) for key in keys)
         total += sum(t.numel() * t.element_size() for t in tensors.values())

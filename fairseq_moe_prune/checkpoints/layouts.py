@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from torch import Tensor
 
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError, load_checkpoint
-from fairseq_moe_prune.checkpoints.streaming import Entry, SourceTensor
+from fairseq_moe_prune.checkpoints.streaming import Entry, RecordCRCs, SourceTensor, record_crcs
 from fairseq_moe_prune.models.layout import MoELayerSpec, moe_layers
 
 SHARED_SUFFIX = "-shared.pt"
@@ -59,6 +59,7 @@ class MoECheckpoint:
     state: Dict[str, Any]  # the checkpoint (or shared part); state["model"] may lack experts
     specs: List[MoELayerSpec]
     ranks: Optional[List[str]] = None  # rank files of a sharded checkpoint
+    records: RecordCRCs = field(default_factory=dict)  # CRC-32 of each memory-mapped storage of state
 
     @property
     def config(self) -> Any:
@@ -131,7 +132,7 @@ def open_checkpoint(path: str) -> MoECheckpoint:
             raise CheckpointError(
                 f"{path}: {spec.prefix} has {spec.num_experts} experts in the config but {gate.shape[0]} gate rows"
             )
-    return MoECheckpoint(path, state, specs, ranks)
+    return MoECheckpoint(path, state, specs, ranks, record_crcs(path, state))
 
 
 def describe_checkpoint(path: str) -> str:

@@ -6,6 +6,10 @@ kept experts. We save the structure first with untouched placeholders
 fill each hole from its source,
 opening one source file at a time, and finally patch the zip CRCs. The result is an ordinary
 torch checkpoint. A source is a torch checkpoint (its ``model`` weights) or a safetensors file.
+
+Input bytes are checked as they are read: each memory-mapped storage of a torch checkpoint is
+matched to the zip record it comes from, and its CRC-32 compared with the one the file records,
+so corrupted weights are refused rather than copied under a fresh CRC.
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ from __future__ import annotations
 import itertools
 import os
 import pickle
+import re
 import struct
 import types
 import zipfile
 import zlib
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -68,11 +73,99 @@ class SafetensorsFile(Mapping[str, Tensor]):
         return len(self._keys)
 
 
+# storage data_ptr -> (file, zip record, CRC-32) of the memory-mapped storages of loaded checkpoints
+RecordCRCs = Dict[int, Tuple[str, str, int]]
+DATA_RECORD = re.compile(r"/data/\d+$")
+
+
+def tensors_in(value: Any) -> Iterator[Tensor]:
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from tensors_in(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from tensors_in(item)
+
+
+def record_crcs(path: str, state: Any) -> RecordCRCs:
+    """Which zip record of ``path`` each memory-mapped storage of ``state`` (loaded from it) holds, with its CRC.
+
+    torch maps the whole file once, so storage addresses and record offsets differ by one constant.
+    When they cannot be matched (not memory-mapped, odd layout) every record is checked now instead.
+    """
+    if not zipfile.is_zipfile(path):
+        return {}  # the legacy format records no CRCs
+    with open(path, "rb") as f:
+        offsets, _ = _record_offsets(f.fileno())
+    with zipfile.ZipFile(path) as archive:
+        crcs = {info.filename: info.CRC for info in archive.infolist()}
+    records = sorted((data, name) for name, (_, data, size) in offsets.items() if DATA_RECORD.search(name) and size)
+    storages = sorted({t.untyped_storage().data_ptr() for t in tensors_in(state) if t.untyped_storage().nbytes()})
+    base = storages[0] - records[0][0] if storages and records else 0
+    if len(storages) == len(records) and all(ptr - data == base for ptr, (data, _) in zip(storages, records)):
+        return {ptr: (path, name, crcs[name]) for ptr, (_, name) in zip(storages, records)}
+    check_all_records(path)
+    return {}
+
+
+def check_all_records(path: str) -> None:
+    """Read every record of a zip checkpoint once, comparing CRCs (zipfile does, at each record's end)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                with archive.open(info) as record:
+                    while record.read(1 << 24):
+                        pass
+    except zipfile.BadZipFile as error:
+        raise CheckpointError(f"{path}: corrupt ({error})") from None
+
+
+def check_crc(data: Union[Tensor, torch.UntypedStorage], records: RecordCRCs, checked: Set[int]) -> None:
+    """If ``data``'s storage was read from a checkpoint file, its bytes must have the CRC-32 the file records."""
+    storage = data.untyped_storage() if isinstance(data, Tensor) else data
+    ptr = storage.data_ptr()
+    if ptr in records and ptr not in checked:
+        path, name, crc = records[ptr]
+        if zlib.crc32(_storage_bytes(storage)) != crc:
+            raise CheckpointError(f"{path}: record {name} is corrupt (its bytes do not match their CRC-32)")
+        checked.add(ptr)
+
+
+def _storage_bytes(storage: torch.UntypedStorage) -> memoryview:
+    return memoryview(torch.empty(0, dtype=torch.uint8).set_(storage).numpy())
+
+
+class CheckpointSource(Mapping[str, Tensor]):
+    """The (memory-mapped) weights of a torch checkpoint; each one's CRC-32 is checked when it is taken."""
+
+    def __init__(self, path: str):
+        state = load_checkpoint(path)
+        self.weights = state["model"]
+        self.records = record_crcs(path, state)
+        self.checked: Set[int] = set()
+
+    def __getitem__(self, key: str) -> Tensor:
+        tensor = self.weights[key]
+        check_crc(tensor, self.records, self.checked)
+        return tensor
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.weights
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.weights)
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+
 def open_source(path: str) -> Mapping[str, Tensor]:
     """The tensors that :class:`SourceTensor` entries of ``path`` name."""
     if path.endswith(".safetensors"):
         return SafetensorsFile(path)
-    return load_checkpoint(path)["model"]
+    return CheckpointSource(path)
 
 
 def source_tensor(entry: SourceTensor, source: Mapping[str, Tensor]) -> Tensor:
@@ -86,9 +179,15 @@ def source_tensor(entry: SourceTensor, source: Mapping[str, Tensor]) -> Tensor:
     return tensor
 
 
-def materialize(model: Mapping[str, Entry]) -> Dict[str, Tensor]:
-    """Every entry as a tensor, opening each source file once; the caller bounds how much that is."""
+def materialize(model: Mapping[str, Entry], records: Optional[RecordCRCs] = None) -> Dict[str, Tensor]:
+    """Every entry as a tensor, opening each source file once; the caller bounds how much that is.
+
+    Tensors read from a loaded checkpoint are checked against ``records`` (see :func:`record_crcs`).
+    """
     tensors = {key: entry for key, entry in model.items() if isinstance(entry, Tensor)}
+    checked: Set[int] = set()
+    for tensor in tensors.values():
+        check_crc(tensor, records or {}, checked)
     sources = sorted(((key, entry) for key, entry in model.items() if isinstance(entry, SourceTensor)),
                      key=lambda item: item[1].path)
     for path, group in itertools.groupby(sources, key=lambda item: item[1].path):
@@ -178,8 +277,12 @@ def _storage_key_recorder(keys: Dict[str, Any]):
 
 
 def save_streaming(state: Mapping[str, Any], model: Mapping[str, Entry], path: str,
-                   dtype: Optional[torch.dtype] = None) -> None:
-    """Write ``{**state, "model": model}`` to ``path`` atomically; floating tensors cast to ``dtype``."""
+                   dtype: Optional[torch.dtype] = None, input_crcs: Optional[RecordCRCs] = None) -> None:
+    """Write ``{**state, "model": model}`` to ``path`` atomically; floating tensors cast to ``dtype``.
+
+    Tensors read from a loaded checkpoint are checked against ``input_crcs`` (see :func:`record_crcs`).
+    """
+    checked: Set[int] = set()
     placeholders, records = _placeholders(model, dtype)
     entries = {placeholders[key].untyped_storage().data_ptr(): entry for key, entry in records}
     storages: Dict[str, Any] = {}  # record key -> the storage torch wrote (as a hole) under it
@@ -199,6 +302,8 @@ def save_streaming(state: Mapping[str, Any], model: Mapping[str, Entry], path: s
         for source_path, group in itertools.groupby(fills, key=lambda fill: _source_path(fill[1])):
             source = open_source(source_path) if source_path else None
             for name, entry in group:
+                if not isinstance(entry, SourceTensor):
+                    check_crc(entry, input_crcs or {}, checked)
                 data = _fill_bytes(entry, source, dtype)
                 _, data_offset, size = offsets[name]
                 if len(data) != size:
@@ -211,7 +316,7 @@ def save_streaming(state: Mapping[str, Any], model: Mapping[str, Entry], path: s
 
 def _fill_bytes(entry: Any, source: Optional[Mapping[str, Tensor]], dtype: Optional[torch.dtype]) -> memoryview:
     if isinstance(entry, torch.UntypedStorage):  # a tensor of the state outside "model", as it is
-        return memoryview(torch.empty(0, dtype=torch.uint8).set_(entry).numpy())
+        return _storage_bytes(entry)
     if isinstance(entry, SourceTensor):
         return _as_bytes(source_tensor(entry, source), dtype)
     return _as_bytes(entry, dtype)

@@ -12,7 +12,7 @@ import copy
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping
 
 import torch
@@ -23,8 +23,8 @@ from fairseq_moe_prune.checkpoints.layouts import (
     MoECheckpoint,
 )
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
-from fairseq_moe_prune.checkpoints.streaming import Entry, save_streaming
-from fairseq_moe_prune.files import umask
+from fairseq_moe_prune.checkpoints.streaming import Entry, RecordCRCs, check_crc, save_streaming
+from fairseq_moe_prune.files import owner, remove_leftovers, signals_held, umask
 from fairseq_moe_prune.models.layout import MoELayerSpec, format_counts
 
 
@@ -57,6 +57,7 @@ class PrunedCheckpoint:
 
     state: Dict[str, Any]  # everything but "model"; the optimizer state is dropped
     model: Dict[str, Entry]
+    records: RecordCRCs = field(default_factory=dict)  # CRC-32s of the input storages tensors of model use
 
 
 def prune_checkpoint(checkpoint: MoECheckpoint, kept: Mapping[str, List[int]]) -> PrunedCheckpoint:
@@ -75,6 +76,7 @@ def prune_checkpoint(checkpoint: MoECheckpoint, kept: Mapping[str, List[int]]) -
             model[key] = value
             continue
         prefix = key[: -len(".gate.wg.weight")]
+        check_crc(value, checkpoint.records, set())  # the gate is written as a slice, a new tensor
         model[key] = value[torch.tensor(kept[prefix])]
         for new_id, old_id in enumerate(kept[prefix]):
             for name, tensor in experts[prefix][old_id].items():
@@ -86,12 +88,12 @@ def prune_checkpoint(checkpoint: MoECheckpoint, kept: Mapping[str, List[int]]) -
         state["cfg"] = dict(state["cfg"], model=config)
     else:
         state["args"] = config
-    return PrunedCheckpoint(state, model)
+    return PrunedCheckpoint(state, model, checkpoint.records)
 
 
 def save_single(pruned: PrunedCheckpoint, path: str, fp16: bool = False) -> None:
     """One checkpoint file, written atomically and deterministically."""
-    save_streaming(pruned.state, pruned.model, path, torch.float16 if fp16 else None)
+    save_streaming(pruned.state, pruned.model, path, torch.float16 if fp16 else None, pruned.records)
 
 
 def save_sharded(pruned: PrunedCheckpoint, shared_path: str, fp16: bool = False) -> List[str]:
@@ -115,9 +117,9 @@ def save_sharded(pruned: PrunedCheckpoint, shared_path: str, fp16: bool = False)
     shared = {k: v for k, v in pruned.model.items() if not EXPERT_KEY.match(k)}
     base = shared_path[: -len(SHARED_SUFFIX)]
     paths = [shared_path] + [f"{base}-rank-{rank}.pt" for rank in sorted(ranks)]
-    save_streaming(pruned.state, shared, shared_path, dtype)
+    save_streaming(pruned.state, shared, shared_path, dtype, pruned.records)
     for rank, path in zip(sorted(ranks), paths[1:]):
-        save_streaming({}, ranks[rank], path, dtype)
+        save_streaming({}, ranks[rank], path, dtype, pruned.records)
     return paths
 
 
@@ -138,9 +140,10 @@ def publish_directory(staging: str, out: str, force: bool) -> None:
     if os.path.exists(out):
         if not force:
             raise CheckpointError(f"{out} exists (use --force to replace it)")
-        trash = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out)), prefix=".old-")
-        os.replace(out, os.path.join(trash, "old"))
-        os.replace(staging, out)
+        trash = staging + "-old"
+        with signals_held():  # never stop between taking the old output away and putting the new one there
+            os.replace(out, trash)
+            os.replace(staging, out)
         shutil.rmtree(trash)
     else:
         os.replace(staging, out)
@@ -148,15 +151,21 @@ def publish_directory(staging: str, out: str, force: bool) -> None:
 
 @contextlib.contextmanager
 def staged_directory(out: str, force: bool) -> Iterator[str]:
-    """A staging folder beside ``out``: it becomes ``out`` when the block succeeds and vanishes when it fails."""
+    """A staging folder beside ``out``: it becomes ``out`` when the block succeeds and vanishes when it fails.
+
+    Its name says whose it is (files.owner), so the leftovers of a killed run are removed by the next.
+    """
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=".staging-")
-    os.chmod(staging, 0o777 & ~umask())  # mkdtemp makes 0700
+    remove_leftovers(parent)
+    staging = None
     try:
+        with signals_held():  # a signal waits until the folder has a name to remove
+            staging = tempfile.mkdtemp(dir=parent, prefix=f".staging-{owner()}-")
+        os.chmod(staging, 0o777 & ~umask())  # mkdtemp makes 0700
         yield staging
         publish_directory(staging, out, force)
     except BaseException:
-        if os.path.exists(staging):
+        if staging is not None and os.path.exists(staging):
             shutil.rmtree(staging)
         raise
