@@ -8,6 +8,7 @@ exists under a name the cleanup knows.
 """
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -51,6 +52,13 @@ def remove_leftovers(directory: str) -> None:
                     os.unlink(path)
 
 
+def make_folder(directory: str) -> None:
+    """``os.makedirs``, with the error a user understands when the path is a file."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", directory)
+    os.makedirs(directory, exist_ok=True)
+
+
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
     """SIGINT and SIGTERM wait until the block ends; then they are delivered as usual."""
@@ -65,7 +73,7 @@ def signals_held() -> Iterator[None]:
 def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file for writing; on success it replaces ``path``, on any error it is removed."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    make_folder(directory)
     remove_leftovers(directory)
     tmp = None
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import List, Optional
 
-from fairseq_moe_prune.checkpoints.hf import read_hf, write_hf
+from fairseq_moe_prune.checkpoints.hf import parse_size, read_hf, write_hf
 from fairseq_moe_prune.checkpoints.layouts import SHARED_SUFFIX, open_checkpoint
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
 from fairseq_moe_prune.checkpoints.surgery import (
@@ -64,6 +64,8 @@ def convert(src: str, out: str, target: str, source_format: Optional[str] = None
     if target not in FORMATS:
         raise CheckpointError(f"unknown format {target!r} (one of {', '.join(FORMATS)})")
     check_output(out, [src], force)
+    if target == "hf":
+        parse_size(max_shard_size)  # now, not after reading the input
     if target == "single" and os.path.isdir(out):
         raise CheckpointError(f"{out} is a folder; a single-file checkpoint needs a file name")
 

@@ -30,6 +30,7 @@ from fairseq_moe_prune.checkpoints.layouts import model_config
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
 from fairseq_moe_prune.checkpoints.streaming import Entry, SourceTensor, materialize
 from fairseq_moe_prune.checkpoints.surgery import PrunedCheckpoint
+from fairseq_moe_prune.files import umask
 from fairseq_moe_prune.models.layout import (
     MoEConfigError,
     config_value,
@@ -454,6 +455,7 @@ def write_hf(checkpoint: PrunedCheckpoint, folder: str, fp16: bool = False, max_
     for name, keys in zip(names, shards):
         tensors = {key: _cast(tensor, dtype) for key, tensor in materialize({k: model[k] for k in keys}, checkpoint.records).items()}
         save_file(tensors, os.path.join(folder, name), metadata={"format": "pt"})
+        os.chmod(os.path.join(folder, name), 0o666 & ~umask())  # safetensors makes 0600; the usual permissions
         weight_map.update((key, name) for key in keys)
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         del tensors

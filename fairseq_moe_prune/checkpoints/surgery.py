@@ -24,7 +24,7 @@ from fairseq_moe_prune.checkpoints.layouts import (
 )
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
 from fairseq_moe_prune.checkpoints.streaming import Entry, RecordCRCs, check_crc, save_streaming
-from fairseq_moe_prune.files import owner, remove_leftovers, signals_held, umask
+from fairseq_moe_prune.files import make_folder, owner, remove_leftovers, signals_held, umask
 from fairseq_moe_prune.models.layout import MoELayerSpec, format_counts
 
 
@@ -156,7 +156,7 @@ def staged_directory(out: str, force: bool) -> Iterator[str]:
     Its name says whose it is (files.owner), so the leftovers of a killed run are removed by the next.
     """
     parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
+    make_folder(parent)
     remove_leftovers(parent)
     staging = None
     try:

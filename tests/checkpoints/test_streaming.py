@@ -1,10 +1,16 @@
-"""save_streaming writes what torch.save would: every tensor, tied weights tied, valid zip CRCs."""
+"""save_streaming writes what torch.save would: every tensor, tied weights tied, valid zip CRCs; corrupt input is refused."""
 
+import os
+import shutil
+import struct
 import zipfile
 
 import torch
 
+from fairseq_moe_prune import cli
+from fairseq_moe_prune.checkpoints.convert import convert
 from fairseq_moe_prune.checkpoints.streaming import SourceTensor, save_streaming
+from tests.helpers import tiny_checkpoint_with_stats
 
 
 def test_streamed_file_loads_like_torch_save(tmp_path):
@@ -31,3 +37,39 @@ def test_streamed_file_loads_like_torch_save(tmp_path):
     assert torch.equal(weights["experts.0.fc1.weight"], source["model"]["experts.7.fc1.weight"].half())
     assert torch.equal(weights["experts.0.fc1.bias"], torch.arange(4.0).half())
     assert loaded["extra_state"]["meter"].item() == 3.5 and loaded["cfg"] == {"lr": 0.1}
+
+
+def flip_a_byte(path, record_index):
+    """Corrupt the bytes (not the header) of the ``record_index``-th tensor record of a zip checkpoint."""
+    with zipfile.ZipFile(path) as archive:
+        info = [i for i in archive.infolist() if "/data/" in i.filename and i.file_size > 64][record_index]
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", f.read(4))
+        offset = info.header_offset + 30 + name_length + extra_length + 10
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0xFF]))
+    return info.filename
+
+
+def test_corrupt_input_bytes_are_refused_not_copied(tmp_path, capsys):
+    checkpoint, stats_path = tiny_checkpoint_with_stats(tmp_path / "in")
+    convert(str(checkpoint), str(tmp_path / "sharded"), "sharded")
+    shutil.copyfile(checkpoint, tmp_path / "corrupt.pt")
+    record = flip_a_byte(tmp_path / "corrupt.pt", 5)
+    rank_record = flip_a_byte(tmp_path / "sharded" / "model-rank-2.pt", 0)
+    keep_all = ["--prune-fraction", "0", "--ratio", "1:1"]
+    cases = [
+        (["prune", str(tmp_path / "corrupt.pt"), "--stats", str(stats_path), "--out", str(tmp_path / "a"), *keep_all],
+         f"{tmp_path / 'corrupt.pt'}: record {record} is corrupt"),
+        (["convert", str(tmp_path / "corrupt.pt"), str(tmp_path / "b.pt"), "--to", "single"],
+         f"{tmp_path / 'corrupt.pt'}: record {record} is corrupt"),
+        (["prune", str(tmp_path / "sharded" / "model-shared.pt"), "--stats", str(stats_path), "--out",
+          str(tmp_path / "c"), *keep_all], f"{tmp_path / 'sharded' / 'model-rank-2.pt'}: record {rank_record} is corrupt"),
+    ]
+    for argv, message in cases:
+        assert cli.main(argv) == 1
+        assert capsys.readouterr().err.strip() == f"fairseq-moe-prune: error: {message} (its bytes do not match their CRC-32)"
+    assert sorted(os.listdir(tmp_path)) == ["corrupt.pt", "in", "sharded"]
