@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError, load_checkpoint
 from fairseq_moe_prune.checkpoints.streaming import Entry, RecordCRCs, SourceTensor, record_crcs
-from fairseq_moe_prune.models.layout import MoELayerSpec, moe_layers
+from fairseq_moe_prune.models.layout import MoEConfigError, MoELayerSpec, moe_layers
 
 SHARED_SUFFIX = "-shared.pt"
 EXPERT_KEY = re.compile(r"^(?P<prefix>.+\.moe_layer)\.experts\.(?P<expert>\d+)\.(?P<name>.+)$")
@@ -119,14 +119,19 @@ def open_checkpoint(path: str) -> MoECheckpoint:
     """Open a single-file checkpoint or, given ``X-shared.pt``, an expert-sharded one."""
     ranks = rank_paths(path) if path.endswith(SHARED_SUFFIX) else None
     state = load_checkpoint(path)
-    if "model" not in state:
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise CheckpointError(f"{path}: not a fairseq checkpoint (no 'model' weights)")
-    specs = moe_layers(model_config(state))
+    try:
+        specs = moe_layers(model_config(state))
+    except MoEConfigError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    except (ValueError, TypeError):  # a config field of the wrong type
+        raise CheckpointError(f"{path}: the model config's MoE fields are not numbers") from None
     if not specs:
         raise CheckpointError(f"{path}: the model has no MoE layers")
     for spec in specs:
         gate = state["model"].get(f"{spec.prefix}.gate.wg.weight")
-        if gate is None:
+        if not isinstance(gate, Tensor) or gate.dim() != 2:
             raise CheckpointError(f"{path}: missing {spec.prefix}.gate.wg.weight")
         if gate.shape[0] != spec.num_experts:
             raise CheckpointError(

@@ -224,3 +224,14 @@ def test_hf_to_fairseq_prints_no_hydra_warnings(hf_folder, tmp_path, capfd):
     assert cli.main(["convert", str(hf_folder[0]), str(tmp_path / "model.pt"), "--to", "single"]) == 0
     captured = capfd.readouterr()
     assert captured.err == "" and captured.out.strip() == f"wrote {tmp_path / 'model.pt'}"
+
+
+def test_safetensors_files_get_the_usual_permissions(fairseq_checkpoint, tmp_path):
+    path, _ = fairseq_checkpoint
+    mask = os.umask(0o022)
+    try:
+        convert(str(path), str(tmp_path / "hf"), "hf", max_shard_size="50KB")
+    finally:
+        os.umask(mask)
+    modes = {name: os.stat(tmp_path / "hf" / name).st_mode & 0o777 for name in os.listdir(tmp_path / "hf")}
+    assert any(name.endswith(".safetensors") for name in modes) and set(modes.values()) == {0o644}, modes

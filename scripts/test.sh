@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# README's test command, self-sufficient on a fresh machine: install what is missing (scripts/install.sh,
+# a few seconds when everything is there), then run every test. CI (.ci/run) runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+python -m pytest tests -q "$@"
