@@ -73,9 +73,12 @@ class SafetensorsFile(Mapping[str, Tensor]):
         return len(self._keys)
 
 
-# storage data_ptr -> (file, zip record, CRC-32) of the memory-mapped storages of loaded checkpoints
-RecordCRCs = Dict[int, Tuple[str, str, int]]
+# storage data_ptr -> (file, zip record, CRC-32, the file's (size, mtime)) of the memory-mapped storages of
+# loaded checkpoints
+RecordCRCs = Dict[int, Tuple[str, str, int, Tuple[int, int]]]
 DATA_RECORD = re.compile(r"/data/\d+$")
+# records whose CRC-32 matched, so that writing several outputs from one input checks each record once
+VERIFIED: Set[Tuple[str, str, Tuple[int, int]]] = set()
 
 
 def tensors_in(value: Any) -> Iterator[Tensor]:
@@ -105,7 +108,9 @@ def record_crcs(path: str, state: Any) -> RecordCRCs:
     storages = sorted({t.untyped_storage().data_ptr() for t in tensors_in(state) if t.untyped_storage().nbytes()})
     base = storages[0] - records[0][0] if storages and records else 0
     if len(storages) == len(records) and all(ptr - data == base for ptr, (data, _) in zip(storages, records)):
-        return {ptr: (path, name, crcs[name]) for ptr, (_, name) in zip(storages, records)}
+        stat = os.stat(path)
+        version = (stat.st_size, stat.st_mtime_ns)
+        return {ptr: (path, name, crcs[name], version) for ptr, (_, name) in zip(storages, records)}
     check_all_records(path)
     return {}
 
@@ -127,9 +132,11 @@ def check_crc(data: Union[Tensor, torch.UntypedStorage], records: RecordCRCs, ch
     storage = data.untyped_storage() if isinstance(data, Tensor) else data
     ptr = storage.data_ptr()
     if ptr in records and ptr not in checked:
-        path, name, crc = records[ptr]
-        if zlib.crc32(_storage_bytes(storage)) != crc:
-            raise CheckpointError(f"{path}: record {name} is corrupt (its bytes do not match their CRC-32)")
+        path, name, crc, version = records[ptr]
+        if (path, name, version) not in VERIFIED:
+            if zlib.crc32(_storage_bytes(storage)) != crc:
+                raise CheckpointError(f"{path}: record {name} is corrupt (its bytes do not match their CRC-32)")
+            VERIFIED.add((path, name, version))
         checked.add(ptr)
 
 
