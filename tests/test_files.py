@@ -5,6 +5,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from fairseq_moe_prune import cli
 from fairseq_moe_prune.files import owner
 from tests.helpers import tiny_checkpoint_with_stats
@@ -29,6 +31,7 @@ def leftovers(folder):
     return [path for path in folder.rglob("*") if path.name.startswith((".tmp-", ".staging-"))]
 
 
+@pytest.mark.slow
 def test_sigterm_at_any_moment_leaves_no_staging_folder_or_temporary_file(tmp_path):
     checkpoint, stats_path = tiny_checkpoint_with_stats(tmp_path / "in")
     prune = ["prune", str(checkpoint), "--stats", str(stats_path), "--prune-fraction", "0.5", "--ratio", "1:1"]
