@@ -129,15 +129,20 @@ def open_checkpoint(path: str) -> MoECheckpoint:
         raise CheckpointError(f"{path}: the model config's MoE fields are not numbers") from None
     if not specs:
         raise CheckpointError(f"{path}: the model has no MoE layers")
+    check_gates(path, state["model"], specs)
+    return MoECheckpoint(path, state, specs, ranks, record_crcs(path, state))
+
+
+def check_gates(path: str, weights: Mapping[str, Tensor], specs: List[MoELayerSpec]) -> None:
+    """Each MoE layer's gate has one row per expert of the config."""
     for spec in specs:
-        gate = state["model"].get(f"{spec.prefix}.gate.wg.weight")
+        gate = weights.get(f"{spec.prefix}.gate.wg.weight")
         if not isinstance(gate, Tensor) or gate.dim() != 2:
             raise CheckpointError(f"{path}: missing {spec.prefix}.gate.wg.weight")
         if gate.shape[0] != spec.num_experts:
             raise CheckpointError(
                 f"{path}: {spec.prefix} has {spec.num_experts} experts in the config but {gate.shape[0]} gate rows"
             )
-    return MoECheckpoint(path, state, specs, ranks, record_crcs(path, state))
 
 
 def describe_checkpoint(path: str) -> str:

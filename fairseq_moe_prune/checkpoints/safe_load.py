@@ -190,6 +190,14 @@ def guard_fairseq_loading() -> None:
                 check_checkpoint(path)
             except CheckpointError as error:
                 raise SystemExit(f"error: {error}") from None
+        from fairseq_moe_prune.checkpoints import placed  # offloaded or placed experts, sharded releases
+
+        arg_overrides = args[0] if args else kwargs.get("arg_overrides")
+        if placed.loads_here(path, arg_overrides):
+            try:
+                return placed.load_checkpoint_to_cpu(path, arg_overrides)
+            except FairseqMoEPruneError as error:  # CheckpointError, MoEConfigError, PlacementError
+                raise SystemExit(f"error: {error}") from None
         try:
             return original(path, *args, **kwargs)
         except pickle.UnpicklingError as error:

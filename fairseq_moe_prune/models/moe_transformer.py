@@ -32,6 +32,7 @@ from fairseq_moe_prune.models.layout import MoEConfigError, config_value, moe_la
 from fairseq_moe_prune.models.task_routing import TaskLookup, TaskSpace
 from fairseq_moe_prune.models.transformer_layers import MoEDecoderLayer, MoEEncoderLayer
 from fairseq_moe_prune.moe.layer import MoELayer
+from fairseq_moe_prune.moe.placement import check_placement
 
 
 @dataclass
@@ -87,6 +88,19 @@ class MoEConfig(FairseqDataclass):
     )
     moe_task_pairs: Optional[str] = field(
         default=None, metadata={"help": "task routing: the trained pairs, in task-id order (default: --lang-pairs)"}
+    )
+    moe_expert_offload: bool = field(
+        default=False,
+        metadata={"help": "keep every expert in host memory and copy to the device only the experts a batch "
+                          "routes to (inference)"},
+    )
+    moe_offload_cache_experts: int = field(
+        default=8, metadata={"help": "with --moe-expert-offload: experts kept on the device per MoE layer (LRU, >= 2)"}
+    )
+    moe_expert_devices: Optional[str] = field(
+        default=None,
+        metadata={"help": "comma-separated devices (e.g. cuda:0,cuda:1) over which each MoE layer's experts are "
+                          "split evenly; list the device that holds the rest of the model first"},
     )
 
 
@@ -265,7 +279,7 @@ class MoETransformerModel(TransformerModel):
     @classmethod
     def build_model(cls, args, task):
         moe_base_architecture(args)
-        moe_layers(args)  # fail early, with a clear message, on inconsistent MoE fields
+        check_placement(args, moe_layers(args))  # fail early, with a clear message, on inconsistent MoE fields
         task_routing.configure(args, task)
         return super().build_model(args, task)
 

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from fairseq_moe_prune.models.layout import MoEConfigError
 from fairseq_moe_prune.moe.layer import GateOptions, MoELayer
+from fairseq_moe_prune.moe.placement import building_context, place_layer, placement_options
 
 
 def gate_options(cfg: Any) -> GateOptions:
@@ -43,15 +44,19 @@ def build_moe_layer(cfg: Any, embed_dim: int, ffn_dim: int, num_experts: int) ->
     """An MoE block configured from the model config's NLLB fields."""
     options = gate_options(cfg)
     activation_dropout = cfg.activation_dropout or utils.safe_getattr(cfg, "relu_dropout", 0) or 0
-    return MoELayer(
-        embed_dim,
-        ffn_dim,
-        num_experts,
-        options,
-        activation_fn=cfg.activation_fn,
-        activation_dropout=float(activation_dropout),
-        eom=float(utils.safe_getattr(cfg, "moe_eom", 0.0)),
-    )
+    placement = placement_options(cfg)
+    with building_context(placement):  # offloaded or placed experts are built without memory
+        layer = MoELayer(
+            embed_dim,
+            ffn_dim,
+            num_experts,
+            options,
+            activation_fn=cfg.activation_fn,
+            activation_dropout=float(activation_dropout),
+            eom=float(utils.safe_getattr(cfg, "moe_eom", 0.0)),
+        )
+    place_layer(layer, placement)
+    return layer
 
 
 def residual_block(layer: Any, layer_norm: Any, x: Tensor, sublayer: Callable[[Tensor], Tensor]) -> Tensor:

@@ -15,6 +15,7 @@ from fairseq.modules.fairseq_dropout import FairseqDropout
 from torch import Tensor
 
 from fairseq_moe_prune.moe.gate import Routing, broadcast_routing, task_gating, top1gating, top2gating
+from fairseq_moe_prune.moe.placement import RESIDENT
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,7 @@ class MoELayer(nn.Module):
         self.eom = eom
         self.l_aux: Optional[Tensor] = None
         self.observer: Optional[RoutingObserver] = None
+        self.placement = RESIDENT  # where the experts run (fairseq_moe_prune.moe.placement)
 
     @property
     def num_experts(self) -> int:
@@ -166,8 +168,7 @@ class MoELayer(nn.Module):
         # In training every expert runs, even on no tokens, so that each gets a gradient (zero if unused)
         # and the optimizer treats all alike; at inference experts without tokens are skipped (one decoding
         # step of one language uses few experts).
-        outputs = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)
-                             if self.training or chunk.shape[0] > 0] or [tokens[:0]])
+        outputs = torch.cat(self.placement.run(self, chunks, skip_empty=not self.training) or [tokens[:0]])
         dispatch = Dispatch(token_ids, experts, weights, outputs.float().norm(dim=1) if with_norms else None)
 
         if self.eom > 0:
