@@ -24,6 +24,8 @@ setup(
         # conversion to and from Hugging Face's NllbMoe; transformers 5.x routes NllbMoe tokens to the
         # wrong experts (see fairseq_moe_prune/checkpoints/hf.py)
         "hf": ["transformers>=4.30,<5", "safetensors"],
+        # experts offloaded to host memory or placed over devices (fairseq_moe_prune/moe/placement.py)
+        "offload": ["accelerate>=0.26"],
         # the main job's report plots (examples/libreoffice_help)
         "examples": ["matplotlib"],
     },

@@ -23,6 +23,6 @@ fi
 python -m pip install -q torch==2.13.0
 python -m pip install -q "numpy>=1.21.3" cython ninja
 MAX_JOBS=2 python -m pip install -q --no-build-isolation fairseq-fixed==0.12.3.1
-python -m pip install -q --no-build-isolation -e ".[test,hf,examples]"
+python -m pip install -q --no-build-isolation -e ".[test,hf,examples,offload]"
 # fairseq-fixed pulls in a torchaudio that does not match torch; transformers imports it when present
 python -m pip uninstall -q -y torchaudio 2>/dev/null || true

@@ -317,6 +317,8 @@ class OffloadedExperts:
             for name, tensor in tensors.items():
                 buffers[name].copy_(tensor, non_blocking=True)
             if device.type == "cuda":
+                for buffer in buffers.values():
+                    buffer.record_stream(self.copy_stream)  # not reused by the allocator while the copy runs
                 event = torch.cuda.Event()
                 event.record(self.copy_stream)
         self.cache[j] = buffers

@@ -184,6 +184,6 @@ def test_fairseq_generate_refuses_in_one_line(corpus, pruned, tmp_path, override
         pytest.skip("this machine has the devices")
     result = generate(corpus, pruned, tmp_path / "s.json", overrides, check=False)
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1] == f"error: {message}" or \
-        result.stderr.strip().splitlines()[-1].endswith(message)
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
     assert "Traceback" not in result.stderr
