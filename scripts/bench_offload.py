@@ -30,13 +30,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_prune import REPO, build_model, task_args  # noqa: E402  (one NLLB-shaped builder)
 
 LOAD_SCRIPT = """
-import resource, sys, time
+import ast, re, sys, time
 import fairseq_moe_prune  # registers the model and our loading
 from fairseq import checkpoint_utils
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(field):  # kB -> bytes
+    return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+before = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the current RSS
 start = time.perf_counter()
-models, _ = checkpoint_utils.load_model_ensemble([sys.argv[1]], arg_overrides=eval(sys.argv[2]))
-print("LOAD", before * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, time.perf_counter() - start)
+models, _ = checkpoint_utils.load_model_ensemble([sys.argv[1]], arg_overrides=ast.literal_eval(sys.argv[2]))
+print("LOAD", before, status("VmHWM"), time.perf_counter() - start)
 """
 RSS_WRAPPER = (
     "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
@@ -76,6 +80,7 @@ def main() -> None:
     parser.add_argument("--ffn", type=int, default=512, help="expert FFN width (512: 0.75 GiB of fp32 experts)")
     parser.add_argument("--cache", type=int, default=8, help="offloaded experts kept on the device per layer")
     parser.add_argument("--reuse", action="store_true", help="reuse the data and model of an earlier run in --work")
+    parser.add_argument("--loading-only", action="store_true", help="measure loading, not generation")
     args = parser.parse_args()
     work = args.work
     single, shared = work / "full.pt", work / "full-shared.pt"
@@ -100,19 +105,20 @@ def main() -> None:
         "offloaded, one file": load(single, offload),
         "offloaded, sharded release": load(shared, offload),
     }
+    print()
+    for label, (before, after, seconds) in loads.items():
+        print(f"peak RSS of loading / size of the experts on disk, {label}: {(after - before) / mib:.0f} MiB "
+              f"above the {before / mib:.0f} MiB before loading / {experts_bytes / mib:.0f} MiB = ratio "
+              f"{(after - before) / experts_bytes:.2f} (goal <= 1.1; {seconds:.1f} s)")
+    if args.loading_only:
+        return
     print("generation: resident, then offloaded", flush=True)
     start = time.perf_counter()
     resident_speed, resident_rss = generate(work / "data", single, "{}")
     offload_speed, offload_rss = generate(work / "data", single, offload)
     print(f"  both runs {time.perf_counter() - start:.0f} s")
-
-    print()
     print(f"tokens/s offloaded / resident (cache {args.cache} experts per layer, host and device both CPU): "
           f"{offload_speed:.1f} / {resident_speed:.1f} = ratio {offload_speed / resident_speed:.2f}")
-    for label, (before, after, seconds) in loads.items():
-        print(f"peak RSS of loading / size of the experts on disk, {label}: {(after - before) / mib:.0f} MiB / "
-              f"{experts_bytes / mib:.0f} MiB = ratio {(after - before) / experts_bytes:.2f} (goal <= 1.1; "
-              f"{seconds:.1f} s)")
     print(f"peak RSS of the generation run / size of the experts on disk, offloaded: {offload_rss / mib:.0f} MiB / "
           f"{experts_bytes / mib:.0f} MiB = ratio {offload_rss / experts_bytes:.2f}")
     print(f"peak RSS of the generation run / size of the experts on disk, resident:  {resident_rss / mib:.0f} MiB / "
