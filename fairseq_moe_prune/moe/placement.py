@@ -184,9 +184,10 @@ def load_host_experts(container: nn.ModuleList, state_dict, prefix: str, error_m
 class HostExperts(nn.ModuleList):
     """The experts of an offloaded layer: their weights stay in host memory whatever the model is moved to.
 
-    Weights keep the checkpoint's dtype on the host (memory-mapped where loaded from a file); the
-    dtype the model computes in (``.half()``, ``.float()``) is applied when an expert is copied to
-    the device, which rounds exactly as converting the resident weights would.
+    Weights keep the checkpoint's dtype on the host (memory-mapped where loaded from a file), or take
+    the dtype the model computes in when that is narrower (``.half()`` of an fp32 checkpoint halves
+    the host memory); otherwise the compute dtype is applied when an expert is copied to the device.
+    Either way the rounding is the one converting the resident weights would do.
     """
 
     def __init__(self, experts: List[nn.Module]):
@@ -196,26 +197,34 @@ class HostExperts(nn.ModuleList):
 
     def _apply(self, fn, recurse=True):
         self.compute_dtype, device = target_of(fn, self.compute_dtype)
-        if device.type == "cuda" and not self.pin:
-            self.pin = True
-            self.pin_host_memory()
+        self.pin = self.pin or device.type == "cuda"
+        self.update_host_tensors()
         return self
 
-    def pin_host_memory(self) -> None:
-        """Page-locked host copies, so that copies to the GPU run asynchronously at full bandwidth."""
+    def update_host_tensors(self) -> None:
+        """Narrow host weights to the compute dtype; page-lock them once the model is on a GPU, so that
+        copies run asynchronously at full bandwidth."""
+        narrow = torch.empty(0, dtype=self.compute_dtype).element_size()
         with torch.no_grad():
             for expert in self:
                 for name, parameter in list(expert.named_parameters()):
-                    if parameter.device.type == "cpu" and not parameter.is_pinned():
+                    if parameter.is_meta:
+                        continue
+                    value = parameter.data
+                    if value.is_floating_point() and value.element_size() > narrow:
+                        value = value.to(self.compute_dtype)
+                    if self.pin and not value.is_pinned():
+                        value = value.pin_memory()
+                    if value is not parameter.data:
                         module_name, _, tensor_name = name.rpartition(".")
-                        module = expert.get_submodule(module_name)
-                        setattr(module, tensor_name, nn.Parameter(parameter.pin_memory(), requires_grad=False))
+                        setattr(expert.get_submodule(module_name), tensor_name, nn.Parameter(value, requires_grad=False))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         load_host_experts(self, state_dict, prefix, error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self.update_host_tensors()  # the model may have been cast or moved before loading
 
 
 class PlacedExperts(nn.ModuleList):
