@@ -18,6 +18,7 @@ Example: python scripts/bench_offload.py --work /tmp/bench_offload
 """
 
 import argparse
+import ast
 import re
 import shutil
 import subprocess
@@ -74,6 +75,75 @@ def generate(data: Path, checkpoint: Path, overrides: str) -> Tuple[float, int]:
     return speed, int(re.search(r"MAXRSS_KB (\d+)", output).group(1)) * 1024
 
 
+def profile(checkpoint: Path, cache: int, device: str, batches: int) -> None:
+    """Teacher-forced forwards of random batches, resident vs offloaded, in this process: time, copies, the time
+    the copies would take alone, hence the share of copy time hidden behind compute; peak GPU memory."""
+    import torch
+
+    import fairseq_moe_prune  # noqa: F401  (registers the model and our loading)
+    from fairseq import checkpoint_utils
+
+    cuda = device.startswith("cuda")
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    def load_model(overrides):
+        model = checkpoint_utils.load_model_ensemble([str(checkpoint)], arg_overrides=overrides)[0][0].eval()
+        return model.half().to(device) if cuda else model
+
+    def timed(model) -> float:
+        with torch.no_grad():
+            model(*inputs[0])  # warm-up
+            sync()
+            start = time.perf_counter()
+            for batch in inputs:
+                model(*batch)
+            sync()
+        return time.perf_counter() - start
+
+    generator = torch.Generator().manual_seed(0)
+    resident = load_model({})
+    vocab = resident.encoder.embed_tokens.num_embeddings
+    inputs = [(torch.randint(4, vocab, (16, 30), generator=generator).to(device), torch.full((16,), 30).to(device),
+               torch.randint(4, vocab, (16, 30), generator=generator).to(device)) for _ in range(batches + 1)]
+    resident_seconds = timed(resident)
+    del resident
+    offloaded = load_model(ast.literal_eval(OFFLOAD % cache))
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    layers = offloaded.moe_layers()
+    with torch.no_grad():
+        offloaded(*inputs[0])
+    copies_before = sum(layer.placement.stats.copies for layer in layers)
+    offload_seconds = timed(offloaded)
+    copies = sum(layer.placement.stats.copies for layer in layers) - copies_before
+    # one expert copied alone, host to device, as the cache does it
+    expert = layers[0].experts[0]
+    host = dict(expert.named_parameters())
+    buffers = {name: torch.empty(t.shape, dtype=layers[0].experts.compute_dtype, device=device) for name, t in host.items()}
+    sync()
+    start = time.perf_counter()
+    for _ in range(20):
+        for name, tensor in host.items():
+            buffers[name].copy_(tensor, non_blocking=True)
+    sync()
+    copy_seconds = (time.perf_counter() - start) / 20
+    expert_bytes = sum(t.numel() * t.element_size() for t in buffers.values())
+    visible = offload_seconds - resident_seconds
+    hidden = 1 - visible / (copies * copy_seconds) if copies else 1.0
+    tokens = batches * 16 * 30 * 2
+    print(f"in-process forwards on {device}, {batches} batches of 16 x 30 source + 30 target tokens:")
+    print(f"  tokens/s offloaded / resident: {tokens / offload_seconds:.0f} / {tokens / resident_seconds:.0f} = ratio "
+          f"{resident_seconds / offload_seconds:.2f}")
+    print(f"  expert copies {copies} ({expert_bytes / 2**20:.2f} MiB each, {copy_seconds * 1e3:.3f} ms each alone = "
+          f"{expert_bytes / copy_seconds / 1e9:.1f} GB/s); copy time alone {copies * copy_seconds:.2f} s, time added "
+          f"by offload {visible:.2f} s: share of copy time hidden behind compute {max(0.0, min(1.0, hidden)):.2f}")
+    if cuda:
+        print(f"  peak GPU memory, offloaded: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_offload"))
@@ -81,6 +151,10 @@ def main() -> None:
     parser.add_argument("--cache", type=int, default=8, help="offloaded experts kept on the device per layer")
     parser.add_argument("--reuse", action="store_true", help="reuse the data and model of an earlier run in --work")
     parser.add_argument("--loading-only", action="store_true", help="measure loading, not generation")
+    parser.add_argument("--profile", default=None, metavar="DEVICE",
+                        help="instead: resident vs offloaded forwards in one process on DEVICE (cuda:0, cpu): "
+                             "the share of copy time hidden behind compute, peak GPU memory")
+    parser.add_argument("--batches", type=int, default=4, help="batches for --profile")
     args = parser.parse_args()
     work = args.work
     single, shared = work / "full.pt", work / "full-shared.pt"
@@ -99,6 +173,9 @@ def main() -> None:
           f"(rank files), one file {single.stat().st_size / mib:.0f} MiB", flush=True)
 
     offload = OFFLOAD % args.cache
+    if args.profile:
+        profile(single, args.cache, args.profile, args.batches)
+        return
     print("loading (fresh process each)", flush=True)
     loads = {
         "resident, one file (stock loading)": load(single, "{}"),
