@@ -10,6 +10,10 @@ sharded layout, and prints, side by side in this one run:
     one file, offloaded from the sharded release
   - peak RSS of the whole generation run, offloaded and resident
 
+With ``--profile cuda:0`` (a GPU machine) it instead times teacher-forced forwards resident vs offloaded in one
+process and prints the copy bandwidth of one expert, the share of copy time hidden behind compute and the
+peak GPU memory; fairseq-generate itself uses the GPU when there is one.
+
 Offload here runs with "host" and "device" both the CPU (no GPU on the machine this was written on):
 each routed expert is still copied into its layer's device cache and computed from the copy, so the
 ratio is the cost of that copying plus the cache bookkeeping, not of a PCIe transfer.
