@@ -44,17 +44,23 @@ def build_moe_layer(cfg: Any, embed_dim: int, ffn_dim: int, num_experts: int) ->
     """An MoE block configured from the model config's NLLB fields."""
     options = gate_options(cfg)
     activation_dropout = cfg.activation_dropout or utils.safe_getattr(cfg, "relu_dropout", 0) or 0
+    return MoELayer(
+        embed_dim,
+        ffn_dim,
+        num_experts,
+        options,
+        activation_fn=cfg.activation_fn,
+        activation_dropout=float(activation_dropout),
+        eom=float(utils.safe_getattr(cfg, "moe_eom", 0.0)),
+    )
+
+
+def build_placed_moe_layer(cfg: Any, embed_dim: int, ffn_dim: int, num_experts: int) -> MoELayer:
+    """An MoE block whose experts live where the config says (:mod:`fairseq_moe_prune.moe.placement`);
+    offloaded or placed experts are built without memory and get their weights from the checkpoint."""
     placement = placement_options(cfg)
-    with building_context(placement):  # offloaded or placed experts are built without memory
-        layer = MoELayer(
-            embed_dim,
-            ffn_dim,
-            num_experts,
-            options,
-            activation_fn=cfg.activation_fn,
-            activation_dropout=float(activation_dropout),
-            eom=float(utils.safe_getattr(cfg, "moe_eom", 0.0)),
-        )
+    with building_context(placement):
+        layer = build_moe_layer(cfg, embed_dim, ffn_dim, num_experts)
     place_layer(layer, placement)
     return layer
 
@@ -87,7 +93,7 @@ def moe_feed_forward(layer: Any, x: Tensor, padding_mask: Optional[Tensor], task
 class MoEEncoderLayer(TransformerEncoderLayerBase):
     def __init__(self, cfg: Any, num_experts: int):
         super().__init__(cfg)
-        self.moe_layer = build_moe_layer(cfg, self.embed_dim, cfg.encoder.ffn_embed_dim, num_experts)
+        self.moe_layer = build_placed_moe_layer(cfg, self.embed_dim, cfg.encoder.ffn_embed_dim, num_experts)
 
     def build_fc1(self, *args: Any) -> None:
         return None  # no dense FFN in an MoE layer
@@ -120,7 +126,7 @@ class MoEDecoderLayer(TransformerDecoderLayerBase):
             if utils.safe_getattr(cfg, flag, False):
                 raise MoEConfigError(f"--{flag.replace('_', '-')} is not supported in MoE layers")
         super().__init__(cfg, no_encoder_attn)
-        self.moe_layer = build_moe_layer(cfg, self.embed_dim, cfg.decoder.ffn_embed_dim, num_experts)
+        self.moe_layer = build_placed_moe_layer(cfg, self.embed_dim, cfg.decoder.ffn_embed_dim, num_experts)
 
     def build_fc1(self, *args: Any) -> None:
         return None
