@@ -32,6 +32,7 @@ from fairseq_moe_prune.models.layout import moe_layers
 from fairseq_moe_prune.moe.placement import check_placement
 
 PLACEMENT_FIELDS = ("moe_expert_offload", "moe_expert_devices")
+ALL_PLACEMENT_FIELDS = PLACEMENT_FIELDS + ("moe_offload_cache_experts",)
 
 
 def loads_here(path: str, arg_overrides: Optional[Mapping[str, Any]]) -> bool:
@@ -44,7 +45,7 @@ def apply_overrides(state: Dict[str, Any], arg_overrides: Optional[Mapping[str, 
     """fairseq's ``load_checkpoint_to_cpu`` after its ``torch.load``: overrides into the config, then upgrade."""
     from fairseq.checkpoint_utils import _upgrade_state_dict
     from fairseq.dataclass.utils import overwrite_args_by_name
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf, open_dict
 
     if state.get("args") is not None and arg_overrides is not None:
         for name, value in arg_overrides.items():
@@ -53,6 +54,12 @@ def apply_overrides(state: Dict[str, Any], arg_overrides: Optional[Mapping[str, 
         state["cfg"] = OmegaConf.create(state["cfg"], flags={"allow_objects": True})
         if arg_overrides is not None:
             overwrite_args_by_name(state["cfg"], arg_overrides)
+            model = state["cfg"].get("model")
+            if isinstance(model, DictConfig):  # fairseq overrides only the fields a config already has
+                with open_dict(model):
+                    for name in ALL_PLACEMENT_FIELDS:
+                        if name in arg_overrides:
+                            model[name] = arg_overrides[name]
     return _upgrade_state_dict(state)
 
 
