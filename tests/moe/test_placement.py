@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+from fairseq import checkpoint_utils
 
 from fairseq_moe_prune.checkpoints import placed
 from fairseq_moe_prune.checkpoints.layouts import open_checkpoint
@@ -116,11 +117,13 @@ def test_sharded_release_loads_memory_mapped_into_offloaded_experts(plain, tmp_p
     kept = {spec.prefix: list(range(spec.num_experts)) for spec in checkpoint.specs}
     save_sharded(prune_checkpoint(checkpoint, kept), str(tmp_path / "x-shared.pt"))
 
-    state = placed.load_checkpoint_to_cpu(str(tmp_path / "x-shared.pt"), {"moe_expert_offload": True})
-    _, _, offloaded = build_tiny_model(data, "--moe-expert-offload")
-    offloaded.load_state_dict(state["model"])
+    # fairseq's own loader, as fairseq-generate calls it, given the release's shared file
+    [offloaded], _ = checkpoint_utils.load_model_ensemble([str(tmp_path / "x-shared.pt")],
+                                                          arg_overrides={"moe_expert_offload": True})
+    assert isinstance(offloaded.decoder.layers[1].moe_layer.experts, HostExperts)
     batch = random_batch(num_sentences=4, seed=5)
     assert torch.equal(logits(uniform, batch), logits(offloaded, batch))
+    state = placed.load_checkpoint_to_cpu(str(tmp_path / "x-shared.pt"), {"moe_expert_offload": True})
 
     # a config that counts other experts than the files hold is refused in one line
     with pytest.raises(CheckpointError, match="3 experts in the config but 4 gate rows"):
