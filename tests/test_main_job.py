@@ -1,6 +1,7 @@
 """README's main command, shrunk to CI's preset: data -> train -> record -> sweep -> report."""
 
 import json
+import re
 import sys
 
 import pytest
@@ -41,6 +42,9 @@ def test_main_job_ci_preset(tmp_path):
     report = (sweep / "report.md").read_text()
     for heading in ("## Targets", "## chrF++", "## BLEU", "## Model size", "## Are experts language-specific?"):
         assert heading in report
+    # every change vs the full model with its 95% interval; out of English and into English apart
+    assert "paired bootstrap resampling of the test sentences" in report and "## Out of English vs into English" in report
+    assert all("hypotheses" in scores for run in results.values() for scores in run["directions"].values())
     for name in ("quality_vs_pruning.png", "size_vs_quality.png", "expert_usage.png"):
         assert (sweep / name).read_bytes().startswith(PNG)
 
@@ -64,4 +68,43 @@ def test_a_bad_ratio_is_refused_before_any_work(tmp_path):
                       "--work", str(tmp_path / "work")], check=False)
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1] == "run.py: error: an encoder:decoder ratio looks like 3:1, got '3'"
+    assert not (tmp_path / "work").exists()
+
+
+def test_gpu_settings_and_overrides():
+    sys.path.insert(0, str(REPO / "examples/libreoffice_help"))
+    import run
+
+    gpu, default = run.PRESETS["gpu"], run.PRESETS["default"]
+    assert run.device_args(gpu, cpu=False) == ["--fp16"] and run.device_args(default, cpu=False) == []
+    assert run.device_args(gpu, cpu=True) == ["--cpu"]
+    budget = run.training_time_args(gpu)
+    assert budget[:2] == ["--stop-time-hours", f"{float(gpu['train_minutes']) / 60:.6f}"]
+    assert run.training_time_args(default) == []
+    assert run.setting(default, "workers") == 2 and run.setting(gpu, "workers") > 2
+    assert run.warmup_updates(default) == 250 and run.warmup_updates(gpu) == gpu["warmup"]
+    assert run.setting(default, "task_moe") is True and run.setting(gpu, "task_moe") is False
+    assert run.apply_overrides(gpu, ["task_moe=true"])["task_moe"] is True
+
+    shrunk = run.apply_overrides(gpu, ["updates=20", "test_max=10", "fp16=false", "train_minutes=0.5", "langs=deu_Latn"])
+    assert (shrunk["updates"], shrunk["test_max"], shrunk["fp16"], shrunk["train_minutes"], shrunk["langs"]) == \
+        (20, 10, False, 0.5, "deu_Latn")
+    assert gpu["updates"] != 20  # the preset itself is left alone
+    assert run.apply_overrides(default, ["workers=3"])["workers"] == 3  # a setting the preset leaves at its default
+    assert run.sweep_levels(gpu) == [] and run.sweep_levels(run.apply_overrides(gpu, ["levels=0.5,0.8"])) == [0.5, 0.8]
+    with pytest.raises(ValueError, match="--set levels takes fractions"):
+        run.sweep_levels(run.apply_overrides(gpu, ["levels=0.5,80"]))
+    for bad, message in [("updates=many", "--set updates takes a whole number, got 'many'"),
+                         ("fp16=yes", "--set fp16 takes true or false, got 'yes'"),
+                         ("dims=1", "--set takes KEY=VALUE"), ("colour=red", "--set takes KEY=VALUE"),
+                         ("updates", "--set takes KEY=VALUE")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            run.apply_overrides(gpu, [bad])
+
+
+def test_a_bad_setting_is_refused_before_any_work(tmp_path):
+    result = run_cli([sys.executable, str(REPO / "examples/libreoffice_help/run.py"), "--set", "updates=many",
+                      "--work", str(tmp_path / "work")], check=False)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == "run.py: error: --set updates takes a whole number, got 'many'"
     assert not (tmp_path / "work").exists()

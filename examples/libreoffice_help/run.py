@@ -46,11 +46,27 @@ PRESETS: Dict[str, Dict[str, object]] = {
     "large": dict(langs=EIGHT, sample=False, vocab=16000, max_words=100, max_train=0, updates=6000,
                   max_tokens=8192, lr=0.003, dropout=0.1, dims=(256, 1024, 6, 4), experts=32, dev_max=500,
                   test_max=500, beam=4),
-    # one GPU (about an hour on an H100): the large data, a wider model, more updates
-    "gpu": dict(langs=EIGHT, sample=False, vocab=16000, max_words=100, max_train=0, updates=30000,
-                max_tokens=16384, lr=0.003, dropout=0.1, dims=(512, 2048, 6, 8), experts=32, dev_max=1000,
-                test_max=1000, beam=4),
+    # one H100, the whole job in one command of under 9 minutes (scripts/gpu_main_job.sh): all training
+    # segments of up to 50 English words (193k pairs), a transformer-base-sized MoE in fp16 trained for 3.5
+    # minutes of training time (updates is only a ceiling; about 2 epochs expected), a short warmup for that
+    # short run, beam 4 on 250 test sentences per direction, six translating processes sharing the GPU. The
+    # task-MoE's second training does not fit the 9 minutes beside it: --set task_moe=true --set
+    # train_minutes=1.5 gives both models half the time
+    "gpu": dict(langs=EIGHT, sample=False, vocab=16000, max_words=50, max_train=0, updates=50000,
+                max_tokens=16384, lr=0.002, dropout=0.0, dims=(512, 1024, 6, 8), experts=16, dev_max=200,
+                test_max=250, beam=4, train_minutes=3.5, warmup=400, fp16=True, workers=6, gen_max_tokens=16000,
+                task_moe=False),
 }
+# settings that only some presets change; the others run with these
+DEFAULT_SETTINGS: Dict[str, object] = dict(
+    train_minutes=0.0,  # > 0: fairseq-train stops after this much training time (--stop-time-hours)
+    warmup=0,  # learning-rate warmup updates; 0: a quarter of the updates, at most 1000
+    fp16=False,  # fairseq's --fp16 in training and translation (a GPU's tensor cores)
+    workers=2,  # fairseq-generate processes side by side in the record step, translating processes in the sweep
+    gen_max_tokens=4000,  # tokens per translation batch
+    levels="",  # the sweep's pruning levels, e.g. "0.5,0.8"; empty: all of sweep.LEVELS
+    task_moe=True,  # train the task-level MoE too and compare it (step 4b)
+)
 # glibc returns big freed blocks to the OS at once; with these the training loop reuses them (~15% faster)
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296",
               "MALLOC_TOP_PAD_": "268435456"}
@@ -95,13 +111,74 @@ def task_args(data: Path, langs: str, task: str = "translation_multi_simple_epoc
     ]
 
 
-def generation_args(subset: str, beam: int) -> List[str]:
+def generation_args(subset: str, beam: int, max_tokens: int = 4000) -> List[str]:
     """NLLB's generation settings (beam 4 in its paper; greedy in the CPU presets, where the sweep's 21
     models x 16 directions of beam search would take most of the time), every sentence kept, output
     length bounded."""
     return ["--gen-subset", subset, "--beam", str(beam), "--max-len-a", "1.2", "--max-len-b", "10",
-            "--max-tokens", "4000", "--required-batch-size-multiple", "1", "--remove-bpe", "sentencepiece",
+            "--max-tokens", str(max_tokens), "--required-batch-size-multiple", "1", "--remove-bpe", "sentencepiece",
             "--seed", "1"]
+
+
+def setting(preset: Dict[str, object], key: str) -> object:
+    return preset.get(key, DEFAULT_SETTINGS[key])
+
+
+def warmup_updates(preset: Dict[str, object]) -> int:
+    return int(setting(preset, "warmup")) or min(1000, int(preset["updates"]) // 4)  # type: ignore[call-overload]
+
+
+def device_args(preset: Dict[str, object], cpu: bool) -> List[str]:
+    """fairseq's device flags, for training and translation alike: --cpu, or fp16 where the preset asks."""
+    if cpu:
+        return ["--cpu"]
+    return ["--fp16"] if setting(preset, "fp16") else []
+
+
+def training_time_args(preset: Dict[str, object]) -> List[str]:
+    """A training budget in wall time (the GPU preset's), on top of the preset's ceiling of updates; data
+    loading in worker processes so the GPU does not wait for batches; checkpoints without the optimizer's
+    state, three times the model's size, which the statistics and the sweep would read 37 times (a resumed
+    run starts a fresh optimizer)."""
+    minutes = float(setting(preset, "train_minutes"))  # type: ignore[arg-type]
+    if minutes <= 0:
+        return []
+    return ["--stop-time-hours", f"{minutes / 60:.6f}", "--num-workers", "4", "--no-save-optimizer-state"]
+
+
+def sweep_levels(preset: Dict[str, object]) -> List[float]:
+    """The levels setting as fractions (empty: the sweep's own)."""
+    text = str(setting(preset, "levels"))
+    try:
+        levels = [float(part) for part in text.split(",")] if text else []
+    except ValueError:
+        levels = [-1.0]
+    if any(not 0 < level < 1 for level in levels):
+        raise ValueError(f"--set levels takes fractions between 0 and 1 separated by commas, got {text!r}")
+    return levels
+
+
+def apply_overrides(preset: Dict[str, object], assignments: Sequence[str]) -> Dict[str, object]:
+    """``KEY=VALUE`` (run.py --set) replaces a scalar setting of the preset, typed as the preset's own."""
+    preset = dict(preset)
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        current = preset.get(key, DEFAULT_SETTINGS.get(key))
+        if not sep or current is None or isinstance(current, tuple):
+            raise ValueError(f"--set takes KEY=VALUE with KEY one of "
+                             f"{', '.join(sorted(k for k, v in {**DEFAULT_SETTINGS, **preset}.items() if not isinstance(v, tuple)))}"
+                             f"; got {assignment!r}")
+        try:
+            if isinstance(current, bool):
+                if text not in ("true", "false"):
+                    raise ValueError(text)
+                preset[key] = text == "true"
+            else:
+                preset[key] = type(current)(text)
+        except ValueError:
+            kind = {bool: "true or false", int: "a whole number", float: "a number"}.get(type(current), "text")
+            raise ValueError(f"--set {key} takes {kind}, got {text!r}") from None
+    return preset
 
 
 def prepare_data(work: Path, preset: Dict[str, object]) -> Path:
@@ -113,12 +190,18 @@ def prepare_data(work: Path, preset: Dict[str, object]) -> Path:
         command += ["--aligned-dir", str(HERE.parent.parent / "tests" / "data" / "libreoffice_help")]
     if preset["max_train"]:
         command += ["--max-train", str(preset["max_train"])]
+    marker = data / "prepared.json"  # the settings of a finished preparation (data carried to a GPU machine)
+    settings = json.dumps(command[4:], indent=1) + "\n"
+    if marker.exists() and marker.read_text() == settings:
+        log("  prepared data found, with the same settings")
+        return data
     run(command, work / "logs" / "data.log")
+    marker.write_text(settings)
     return data
 
 
 def train(work: Path, data: Path, preset: Dict[str, object], model_dir: str = "model",
-          extra_args: Sequence[str] = ()) -> Path:
+          extra_args: Sequence[str] = (), device: Sequence[str] = ()) -> Path:
     """fairseq-train to a fixed number of updates. An interrupted run resumes from its last saved
     checkpoint (fairseq's own --restore-file default); ``trained`` marks a finished one."""
     checkpoint, finished = work / model_dir / "checkpoint_last.pt", work / model_dir / "trained"
@@ -138,10 +221,11 @@ def train(work: Path, data: Path, preset: Dict[str, object], model_dir: str = "m
          "--moe-gate-loss-wt", "0.01", "--dropout", str(preset["dropout"]),
          "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", str(preset["lr"]),
          "--lr-scheduler", "inverse_sqrt",
-         "--warmup-updates", str(min(1000, int(preset["updates"]) // 4)), "--clip-norm", "1.0",
+         "--warmup-updates", str(warmup_updates(preset)), "--clip-norm", "1.0",
          "--max-tokens", str(preset["max_tokens"]), "--max-update", str(preset["updates"]), "--seed", "1",
          "--save-dir", str(checkpoint.parent), "--no-epoch-checkpoints", "--disable-validation",
-         "--log-format", "simple", "--log-interval", "10", "--num-workers", "0", *extra_args],
+         "--log-format", "simple", "--log-interval", "10", "--num-workers", "0", *extra_args,
+         *device, *training_time_args(preset)],
         work / "logs" / f"train-{model_dir}.log" if extra_args else work / "logs" / "train.log",
         progress=True, env=MALLOC_ENV,
     )
@@ -149,7 +233,8 @@ def train(work: Path, data: Path, preset: Dict[str, object], model_dir: str = "m
     return checkpoint
 
 
-def record(work: Path, data: Path, checkpoint: Path, langs: str, beam: int) -> Path:
+def record(work: Path, data: Path, checkpoint: Path, langs: str, beam: int, workers: int = 2,
+           extra_args: Sequence[str] = ()) -> Path:
     """Gate statistics of every direction on dev (the paper uses FLORES dev), merged into one file.
     Two fairseq-generate processes run side by side, one thread each."""
     merged = work / "stats.json"
@@ -162,13 +247,13 @@ def record(work: Path, data: Path, checkpoint: Path, langs: str, beam: int) -> P
         if not out.exists():
             run(["fairseq-generate", *task_args(data, langs, "translation_multi_simple_epoch_moe"),
                  "--path", str(checkpoint), "--source-lang", src, "--target-lang", tgt,
-                 *generation_args("valid", beam),
+                 *generation_args("valid", beam), *extra_args,
                  "--moe-stats-out", str(out)],
                 work / "logs" / f"record-{direction}.log", env={"OMP_NUM_THREADS": "1"})
         log(f"  recorded {direction}")
         return out
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         files = list(pool.map(one, directions(langs)))
     run(["fairseq-moe-prune", "stats", "merge", str(merged), *map(str, files)], work / "logs" / "merge.log")
     return merged
@@ -180,6 +265,45 @@ def references(data: Path, direction: str) -> List[str]:
     return (data / "raw" / f"test.{pair}.{tgt}").read_text(encoding="utf-8").splitlines()
 
 
+def trained_for(work: Path, preset: Dict[str, object], device: Sequence[str]) -> str:
+    """The updates a time-budgeted training reached (the model line gives only their ceiling)."""
+    found = re.findall(r"num_updates[= ](\d+)", (work / "logs" / "train.log").read_text()) \
+        if (work / "logs" / "train.log").exists() else []
+    if float(setting(preset, "train_minutes")) <= 0 or not found:  # type: ignore[arg-type]
+        return ""
+    return (f"- Training: a budget of {setting(preset, 'train_minutes')} minutes of training time; stopped at update "
+            f"{found[-1]}; {'fp16' if '--fp16' in device else 'fp32'}.")
+
+
+def provenance(cpu: bool = False) -> str:
+    """When, from which commit and on what the job ran, for the report's header."""
+    commit = os.environ.get("MAIN_JOB_COMMIT", "")
+    if not commit:
+        try:
+            head = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short=12", "HEAD"],
+                                  capture_output=True, text=True, timeout=30)
+            dirty = subprocess.run(["git", "-C", str(HERE), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=30)
+            commit = head.stdout.strip() + (" with uncommitted changes" if dirty.stdout.strip() else "")
+        except OSError:
+            pass
+    import torch  # loaded by then (fairseq)
+
+    if torch.cuda.is_available() and not cpu:
+        device = f"{torch.cuda.get_device_name(0)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    else:
+        device = f"CPU, {os.cpu_count()} cores (torch {torch.__version__})"
+    return (f"- Run: {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC; commit {commit or 'unknown'}; "
+            f"device {device}.")
+
+
+def binarized_count(prefix: Path) -> int:
+    """Sentences in a fairseq binary (the raw training text is not carried to a GPU machine)."""
+    from fairseq.data.indexed_dataset import MMapIndexedDataset
+
+    return len(MMapIndexedDataset.Index(str(prefix) + ".idx"))
+
+
 def line_count(path: Path) -> int:
     return len(path.read_text(encoding="utf-8").splitlines())
 
@@ -188,15 +312,16 @@ TASK_TRAIN_FLAGS = ["--moe-task-routing", "both", "--moe-task", "target", "--lan
 
 
 def task_moe_comparison(work: Path, data: Path, preset: Dict[str, object], checkpoint: Path, statistics: Path,
-                        langs: str, beam: int, ratio: str) -> dict:
+                        langs: str, beam: int, ratio: str, device: Sequence[str] = ()) -> dict:
     """Train the task-level MoE (same data, updates and batch size as the token-MoE), extract its
     sub-networks and translate the test sets with four models side by side (task_moe.py)."""
     from task_moe import TaskComparison, summary
 
-    task_checkpoint = train(work, data, preset, "task_model", TASK_TRAIN_FLAGS)
+    task_checkpoint = train(work, data, preset, "task_model", TASK_TRAIN_FLAGS, device)
     log("  trained the task-MoE")
+    generate = generation_args("test", beam, int(setting(preset, "gen_max_tokens")))  # type: ignore[call-overload]
     comparison = TaskComparison(work / "task_moe", checkpoint, task_checkpoint, statistics,
-                                [*task_args(data, langs), *generation_args("test", beam)], directions(langs),
+                                [*task_args(data, langs), *generate, *device], directions(langs),
                                 lambda d: references(data, d), ratio, log)
     results = comparison.run()
     log("  " + summary(results))
@@ -210,15 +335,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--ratio", default="1:1",
                         help="encoder:decoder experts per MoE layer (NLLB used 3:1 with 128 experts per layer; "
                              "with 16, 1:1 keeps the two experts top-2 routing needs in every layer longest)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="run on the CPU even where a GPU is (fairseq's --cpu; no fp16): e.g. the gpu preset's "
+                             "code path, shrunk with --set, on a machine without one")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="replace one of the preset's settings, e.g. --set updates=20 --set test_max=10")
+    parser.add_argument("--only-data", action="store_true",
+                        help="prepare the preset's data and stop (for a machine without network: "
+                             "scripts/build_gpu_wheels.sh)")
     args = parser.parse_args(argv)
     from fairseq_moe_prune.ranking import SelectionError, parse_ratio  # imports fairseq, as the sweep does later
 
     try:
         parse_ratio(args.ratio)  # now, not after training
-    except SelectionError as error:
+        preset = apply_overrides(PRESETS[args.preset], args.set)
+        levels = sweep_levels(preset)
+    except (SelectionError, ValueError) as error:
         parser.error(str(error))
-    preset = PRESETS[args.preset]
-    langs, beam = str(preset["langs"]), int(preset["beam"])
+    langs, beam = str(preset["langs"]), int(preset["beam"])  # type: ignore[call-overload]
+    device = device_args(preset, args.cpu)
+    workers = int(setting(preset, "workers"))  # type: ignore[call-overload]
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     timings: Dict[str, float] = {}
@@ -230,11 +366,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     log(f"1/5 data: LibreOffice help, English <-> {langs}")
     data = prepare_data(work, preset)
+    if args.only_data:
+        log(f"data ready: {data}")
+        return
     step("data", f"2/5 train: MoE transformer, {preset['experts']} experts in every 2nd layer, "
                  f"{preset['updates']} updates")
-    checkpoint = train(work, data, preset)
+    checkpoint = train(work, data, preset, device)
     step("train", f"3/5 record: expert statistics on dev, {len(directions(langs))} directions")
-    statistics = record(work, data, checkpoint, langs, beam)
+    statistics = record(work, data, checkpoint, langs, beam, workers, device)
     step("record", "4/5 sweep: prune, translate test, score")
 
     from report import write_report  # matplotlib and fairseq load only now
@@ -242,15 +381,22 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     quiet()
 
-    generate_args = [*task_args(data, langs), *generation_args("test", beam)]
+    generate_args = [*task_args(data, langs),
+                     *generation_args("test", beam, int(setting(preset, "gen_max_tokens"))), *device]  # type: ignore[call-overload]
     sweep = Sweep(work / "sweep", checkpoint, statistics, generate_args,
-                  directions(langs), lambda d: references(data, d), args.ratio, log)
-    results = sweep.run()
-    step("sweep", f"4b/5 task-MoE: routed by source (encoder) and target language (decoder), same data and "
-                  f"{preset['updates']} updates; sub-networks extracted, four models translate side by side")
-    task_results = task_moe_comparison(work, data, preset, checkpoint, statistics, langs, beam, args.ratio)
-    step("task", "5/5 report")
-    train_pairs = sum(line_count(data / "raw" / f"train.{ENGLISH}-{x}.{ENGLISH}") for x in langs.split(","))
+                  directions(langs), lambda d: references(data, d), args.ratio, log, workers=workers)
+    levels = levels or LEVELS
+    results = sweep.run(levels=levels)
+    task_results = None
+    if setting(preset, "task_moe"):
+        step("sweep", f"4b/5 task-MoE: routed by source (encoder) and target language (decoder), same data and "
+                      f"{preset['updates']} updates; sub-networks extracted, four models translate side by side")
+        task_results = task_moe_comparison(work, data, preset, checkpoint, statistics, langs, beam, args.ratio,
+                                           device)
+        step("task", "5/5 report")
+    else:
+        step("sweep", "5/5 report")
+    train_pairs = sum(binarized_count(data / "bin" / f"train.{ENGLISH}-{x}.{ENGLISH}") for x in langs.split(","))
     test_sentences = line_count(data / "raw" / f"test.{ENGLISH}-{langs.split(',')[0]}.{ENGLISH}")
     dim, ffn, layers, heads = preset["dims"]  # type: ignore[misc]
     decoding = "greedy search" if beam == 1 else f"beam {beam}"
@@ -263,15 +409,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"- Statistics: fairseq-generate with --moe-stats-out on dev ({preset['dev_max']} sentences per direction, "
         "decoder over the hypotheses), merged.",
         f"- Pruning: fixed number of experts per layer, encoder:decoder ratio {args.ratio}; levels "
-        f"{', '.join(f'{level:.0%}' for level in LEVELS)}; methods {', '.join(m.name for m in METHODS)}.",
+        f"{', '.join(f'{level:.0%}' for level in levels)}; methods {', '.join(m.name for m in METHODS)}.",
         f"- Translation: {decoding}, the same settings for every model; chrF++ and BLEU by sacrebleu "
         "(BLEU tokenizer zh for Chinese, char for Japanese, 13a otherwise).",
         f"- Preset `{args.preset}`; time per step (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
     ]
-    setup.append(f"- Task-MoE: the same recipe with {' '.join(TASK_TRAIN_FLAGS)}; its sub-network per direction "
-                 "extracted with `fairseq-moe-prune extract` (a plain dense `transformer`); the token-MoE pruned per "
-                 "language to 2 experts per MoE layer (importance) for the same number of parameters.")
-    report = write_report(work / "sweep", results, statistics, setup, task_moe=task_results)
+    if task_results is not None:
+        setup.append(f"- Task-MoE: the same recipe with {' '.join(TASK_TRAIN_FLAGS)}; its sub-network per direction "
+                     "extracted with `fairseq-moe-prune extract` (a plain dense `transformer`); the token-MoE pruned "
+                     "per language to 2 experts per MoE layer (importance) for the same number of parameters.")
+    setup += [f"- Settings replaced (--set): {', '.join(args.set)}." if args.set else "", trained_for(work, preset, device),
+              provenance(args.cpu)]
+    setup = [line for line in setup if line]
+    report = write_report(work / "sweep", results, statistics, setup, task_moe=task_results,
+                          references=sweep.references, workers=os.cpu_count() or 1)
     step("report", f"report: {report}")
     (work / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")
     log(f"done in {time.monotonic() - start:.0f} s")

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
-import sacrebleu
 import torch
+from sacrebleu.metrics import BLEU, CHRF
+from sacrebleu.metrics.base import Metric
 
 from fairseq_moe_prune import stats as stats_lib
 from fairseq_moe_prune.evaluation import Translation, Translator
@@ -54,12 +55,20 @@ def bleu_tokenizer(language: str) -> str:
     return {"zho": "zh", "jpn": "char"}.get(language.split("_")[0], "13a")
 
 
+def metrics(target: str) -> Dict[str, Metric]:
+    """The report's metrics for a target language, as sacrebleu objects (scores and resampling)."""
+    return {"chrf++": CHRF(word_order=2), "bleu": BLEU(tokenize=bleu_tokenizer(target))}
+
+
 def score(hypotheses: List[str], references: List[str], target: str) -> Dict[str, float]:
     if len(hypotheses) != len(references):
         raise SystemExit(f"error: {len(hypotheses)} hypotheses for {len(references)} references")
+    scores = {name: metric.corpus_score(hypotheses, [references]) for name, metric in metrics(target).items()}
     return {
-        "chrf++": round(sacrebleu.corpus_chrf(hypotheses, [references], word_order=2).score, 2),
-        "bleu": round(sacrebleu.corpus_bleu(hypotheses, [references], tokenize=bleu_tokenizer(target)).score, 2),
+        "chrf++": round(scores["chrf++"].score, 2),
+        "bleu": round(scores["bleu"].score, 2),
+        # hypothesis/reference length in the BLEU tokenizer's tokens, as sacrebleu reports it
+        "length_ratio": round(scores["bleu"].sys_len / max(scores["bleu"].ref_len, 1), 4),
     }
 
 
@@ -105,12 +114,12 @@ class Sweep:
                                         initializer=start_worker, initargs=(list(generate_args),))
         self.results_path = work / "sweep.json"
         self.results: Dict[str, dict] = (
-            json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
+            json.loads(self.results_path.read_text(encoding="utf-8")) if self.results_path.exists() else {}
         )
 
     def save(self) -> None:
         with atomic_open(str(self.results_path), "w") as f:
-            f.write(json.dumps(self.results, indent=1, sort_keys=True) + "\n")
+            f.write(json.dumps(self.results, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
 
     def evaluate(self, checkpoints: Dict[str, Path]) -> Dict[str, Dict[str, float]]:
         """Scores of each direction's checkpoint on that direction's test set."""
@@ -121,7 +130,9 @@ class Sweep:
             target = direction.split("-")[1]
             scores[direction] = {**score(translation.hypotheses, self.references[direction], target),
                                  "sentences": translation.sentences, "parameters": translation.parameters,
-                                 "seconds": round(translation.seconds, 2)}
+                                 "seconds": round(translation.seconds, 2),
+                                 # kept for the report's confidence intervals (paired bootstrap over sentences)
+                                 "hypotheses": translation.hypotheses}
         return scores
 
     def run_full(self) -> None:
