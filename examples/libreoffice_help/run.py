@@ -371,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     step("data", f"2/5 train: MoE transformer, {preset['experts']} experts in every 2nd layer, "
                  f"{preset['updates']} updates")
-    checkpoint = train(work, data, preset, device)
+    checkpoint = train(work, data, preset, device=device)
     step("train", f"3/5 record: expert statistics on dev, {len(directions(langs))} directions")
     statistics = record(work, data, checkpoint, langs, beam, workers, device)
     step("record", "4/5 sweep: prune, translate test, score")
