@@ -23,7 +23,8 @@ import tarfile
 import zipfile
 from typing import IO, Any, Callable, Dict, List, Optional, Set
 
-import torch
+# torch is imported inside the functions that use it: the console script's stats commands import
+# this module for CheckpointError alone and need no torch.
 
 from fairseq_moe_prune.errors import FairseqMoEPruneError
 
@@ -55,6 +56,8 @@ def refusal_reason(error: BaseException) -> str:
 
 
 def install_allowlist() -> None:
+    import torch
+
     torch.serialization.add_safe_globals(SAFE_GLOBALS)
 
 
@@ -160,6 +163,8 @@ def check_checkpoint(path: str) -> None:
 
 def load_checkpoint(path: str, mmap: bool = True) -> Dict[str, Any]:
     """Load a checkpoint onto the CPU safely; tensors stay memory-mapped when possible."""
+    import torch
+
     check_checkpoint(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

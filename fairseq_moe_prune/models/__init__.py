@@ -1,1 +1,1 @@
-from fairseq_moe_prune.models import moe_transformer  # noqa: F401  (registers the model)
+# The model registers from fairseq_moe_prune.register(): layout.py is read without fairseq.

@@ -10,8 +10,6 @@ from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from fairseq import utils
-from fairseq.modules.fairseq_dropout import FairseqDropout
 from torch import Tensor
 
 from fairseq_moe_prune.moe.gate import Routing, broadcast_routing, task_gating, top1gating, top2gating
@@ -79,6 +77,10 @@ class Expert(nn.Module):
     """One expert: the plain transformer FFN (fc1, activation, dropout, fc2)."""
 
     def __init__(self, embed_dim: int, ffn_dim: int, activation_fn: str, activation_dropout: float):
+        # fairseq is imported here, where it is used: pruning reads this module's types without it
+        from fairseq import utils
+        from fairseq.modules.fairseq_dropout import FairseqDropout
+
         super().__init__()
         self.fc1 = nn.Linear(embed_dim, ffn_dim)
         self.fc2 = nn.Linear(ffn_dim, embed_dim)
