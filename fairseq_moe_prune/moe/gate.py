@@ -56,6 +56,15 @@ def load_balancing_loss(probs: Tensor, top1_mask: Tensor) -> Tensor:
     return (me * ce).mean() * num_experts * num_experts
 
 
+def load_balancing_loss_of_choices(probs: Tensor, top1: Tensor, real: Optional[Tensor]) -> Tensor:
+    """:func:`load_balancing_loss` from the first choices' ids (``real``: tokens that count), no one-hot mask."""
+    num_tokens, num_experts = probs.shape
+    me = probs.mean(dim=0)
+    chosen = torch.ones_like(top1, dtype=probs.dtype) if real is None else real.to(probs.dtype)
+    ce = torch.zeros_like(me).index_add_(0, top1, chosen) / num_tokens
+    return (me * ce).mean() * num_experts * num_experts
+
+
 def gate_probabilities(logits: Tensor, use_fp32: bool) -> Tuple[Tensor, Tensor]:
     """(logits, softmax over experts), in fp32 when asked, as NLLB's gates run under fp16."""
     if use_fp32:
@@ -102,7 +111,6 @@ def top2gating(
     num_tokens, num_experts = probs.shape
 
     top1 = probs.argmax(dim=1)
-    top1_mask = F.one_hot(top1, num_experts)
     second_logits = logits
     if second_expert_policy == "sampling":
         # Gumbel-max trick: sample the second expert from the softmax instead of taking the argmax.
@@ -110,38 +118,47 @@ def top2gating(
             torch.tensor(0.0, device=logits.device), torch.tensor(1.0, device=logits.device)
         )
         second_logits = logits + gumbel.rsample(logits.shape).to(logits.dtype)
-    top2 = second_logits.masked_fill(top1_mask.bool(), float("-inf")).argmax(dim=1)
-    top2_mask = F.one_hot(top2, num_experts)
+    top2 = second_logits.scatter(1, top1[:, None], float("-inf")).argmax(dim=1)
 
     gate1 = probs.gather(1, top1[:, None]).squeeze(1)
     gate2 = probs.gather(1, top2[:, None]).squeeze(1)
     if normalize_gate_prob_before_dropping:
         denom = torch.clamp(gate1 + gate2, min=torch.finfo(gate1.dtype).eps)
         gate1, gate2 = gate1 / denom, gate2 / denom
+    sampled2 = None  # with the "random" policy: is the second expert kept at all?
     if second_expert_policy == "random":
         # keep the second expert with probability 2 * its gate value
-        top2_mask = top2_mask * (2 * gate2 > torch.rand_like(gate2))[:, None]
-    if padding_mask is not None:
-        real = (~padding_mask)[:, None]
-        top1_mask = top1_mask * real
-        top2_mask = top2_mask * real
-
-    priority = probs.max(dim=1).values if batch_prioritized_routing else None
-    positions1 = slot_positions(top1_mask, priority)
-    # second choices queue behind every first choice of the same expert
-    positions2 = slot_positions(top2_mask, priority) + top1_mask.sum(dim=0, keepdim=True)
-    l_aux = load_balancing_loss(probs, top1_mask)
+        sampled2 = 2 * gate2 > torch.rand_like(gate2)
 
     capacity = expert_capacity(num_tokens, num_experts, 2, training, eval_capacity_token_fraction)
-    kept1 = within_capacity(top1_mask, positions1, capacity)
-    kept2 = within_capacity(top2_mask, positions2, capacity)
-
-    if normalize_gate_prob_before_dropping:
-        weight1 = gate1 * kept1
-        weight2 = gate2 * kept2
+    if capacity >= num_tokens:
+        # An expert takes at most one of each token's two choices, so with a slot per token no
+        # assignment is dropped: no slot bookkeeping, only padding and sampling decide (None: all kept).
+        kept1 = None if padding_mask is None else ~padding_mask
+        kept2 = kept1 if sampled2 is None else (sampled2 if kept1 is None else kept1 & sampled2)
+        l_aux = load_balancing_loss_of_choices(probs, top1, kept1)
     else:
-        weight1 = probs.gather(1, top1[:, None]).squeeze(1) * kept1
-        weight2 = probs.gather(1, top2[:, None]).squeeze(1) * kept2
+        top1_mask = F.one_hot(top1, num_experts)
+        top2_mask = F.one_hot(top2, num_experts)
+        if sampled2 is not None:
+            top2_mask = top2_mask * sampled2[:, None]
+        if padding_mask is not None:
+            real = (~padding_mask)[:, None]
+            top1_mask = top1_mask * real
+            top2_mask = top2_mask * real
+
+        priority = probs.max(dim=1).values if batch_prioritized_routing else None
+        positions1 = slot_positions(top1_mask, priority)
+        # second choices queue behind every first choice of the same expert
+        positions2 = slot_positions(top2_mask, priority) + top1_mask.sum(dim=0, keepdim=True)
+        l_aux = load_balancing_loss(probs, top1_mask)
+        kept1 = within_capacity(top1_mask, positions1, capacity)
+        kept2 = within_capacity(top2_mask, positions2, capacity)
+
+    # without normalisation before dropping, gate1 and gate2 are still the raw probabilities
+    weight1 = gate1 if kept1 is None else gate1 * kept1
+    weight2 = gate2 if kept2 is None else gate2 * kept2
+    if not normalize_gate_prob_before_dropping:
         denom = torch.clamp(weight1 + weight2, min=torch.finfo(weight1.dtype).eps)
         weight1, weight2 = weight1 / denom, weight2 / denom
 
@@ -167,15 +184,20 @@ def top1gating(
     num_tokens, num_experts = probs.shape
 
     top1 = probs.argmax(dim=1)
-    top1_mask = F.one_hot(top1, num_experts)
-    if padding_mask is not None:
-        top1_mask = top1_mask * (~padding_mask)[:, None]
-    positions = slot_positions(top1_mask, None)
-    l_aux = load_balancing_loss(probs, top1_mask)
-
+    weight = probs.gather(1, top1[:, None]).squeeze(1)
     capacity = expert_capacity(num_tokens, num_experts, 1, training, eval_capacity_token_fraction)
-    kept = within_capacity(top1_mask, positions, capacity)
-    weight = probs.gather(1, top1[:, None]).squeeze(1) * kept
+    if capacity >= num_tokens:  # no token can be dropped: only padding takes weight away
+        kept = None if padding_mask is None else ~padding_mask
+        l_aux = load_balancing_loss_of_choices(probs, top1, kept)
+    else:
+        top1_mask = F.one_hot(top1, num_experts)
+        if padding_mask is not None:
+            top1_mask = top1_mask * (~padding_mask)[:, None]
+        positions = slot_positions(top1_mask, None)
+        l_aux = load_balancing_loss(probs, top1_mask)
+        kept = within_capacity(top1_mask, positions, capacity)
+    if kept is not None:
+        weight = weight * kept
     return Routing(
         probs=probs,
         experts=top1[:, None],

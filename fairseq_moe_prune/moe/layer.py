@@ -158,14 +158,16 @@ class MoELayer(nn.Module):
         """Run each expert once on the tokens routed to it and add up the weighted outputs."""
         top_k = routing.experts.shape[1]
         weights = routing.weights.reshape(-1)
-        experts = routing.experts.reshape(-1)
-        token_ids = torch.arange(tokens.shape[0], device=tokens.device).repeat_interleave(top_k)
-        routed = weights != 0  # NLLB dispatches exactly where the combine weight is non-zero
-        weights, experts, token_ids = weights[routed], experts[routed], token_ids[routed]
-
-        experts, order = torch.sort(experts, stable=True)
-        token_ids, weights = token_ids[order], weights[order]
-        counts = torch.bincount(experts, minlength=self.num_experts).tolist()
+        # NLLB dispatches exactly where the combine weight is non-zero: the (token, choice) pairs with
+        # weight 0 get the key num_experts, so that one stable sort groups the others by expert, in
+        # token order, and leaves these last; one host sync reads the group sizes.
+        keys = routing.experts.reshape(-1).masked_fill(weights == 0, self.num_experts)
+        keys, order = torch.sort(keys, stable=True)
+        counts = torch.bincount(keys, minlength=self.num_experts + 1).tolist()
+        routed = len(keys) - counts.pop()
+        experts, order = keys[:routed], order[:routed]
+        token_ids = torch.div(order, top_k, rounding_mode="floor")
+        weights = weights[order]
         chunks = tokens[token_ids].split(counts)
         # In training every expert runs, even on no tokens, so that each gets a gradient (zero if unused)
         # and the optimizer treats all alike; at inference experts without tokens are skipped (one decoding

@@ -1,0 +1,110 @@
+#!/usr/bin/env python
+"""One MoE layer against a dense FFN of the same active width, timed side by side.
+
+The MoE layer has 16 experts (model dim 128, FFN 512, top-2, the main job's gating: fp32 softmax,
+second expert "all", eval capacity fraction 1.0); the dense FFN has width 1024, so both do the same
+arithmetic per token. Cases: inference on one decoding step of 16, 64 and 256 tokens (one token
+per sentence and beam), inference on 4,096 tokens (an encoder batch), and forward + backward on
+4,096 tokens in training mode. Each case alternates the two modules call by call and reports the
+median of repeated timings.
+
+The headline lines read ``ratio to dense, <case>: X`` where X = dense FFN time / MoE layer time:
+higher is better, 1.0 means the MoE layer is as fast as the dense FFN it replaces (its routing
+costs nothing), 0.5 means it takes twice as long. CPU runs use 2 threads; when CUDA is available
+the same cases run on the GPU too (lines ``ratio to dense on GPU, ...``). Wall-clock times are the
+headline; CPU-time ratios are printed beside them, since on a shared machine they are steadier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Callable, List, Tuple
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fairseq_moe_prune.moe.layer import Expert, GateOptions, MoELayer  # noqa: E402
+
+DIM, FFN, EXPERTS = 128, 512, 16
+DENSE_FFN = 2 * FFN  # top-2: each token runs two experts of width FFN
+CASES = [("decode 16 tokens", 16, False), ("decode 64 tokens", 64, False), ("decode 256 tokens", 256, False),
+         ("inference 4096 tokens", 4096, False), ("training 4096 tokens", 4096, True)]
+
+
+def build(device: str) -> Tuple[MoELayer, Expert]:
+    torch.manual_seed(0)
+    options = GateOptions(use_fp32=True, second_expert_policy="all", eval_capacity_token_fraction=1.0)
+    moe = MoELayer(DIM, FFN, EXPERTS, options).to(device)
+    dense = Expert(DIM, DENSE_FFN, "relu", 0.0).to(device)
+    return moe, dense
+
+
+def step(module: torch.nn.Module, x: torch.Tensor, training: bool) -> None:
+    if training:
+        module(x).sum().backward()
+    else:
+        with torch.no_grad():
+            module(x)
+
+
+def timed(module: torch.nn.Module, x: torch.Tensor, training: bool, calls: int, device: str) -> Tuple[float, float]:
+    """(wall, CPU) seconds per call over ``calls`` calls."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(calls):
+        step(module, x, training)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - wall) / calls, (time.process_time() - cpu) / calls
+
+
+def run_case(tokens: int, training: bool, device: str, repeats: int) -> Tuple[float, float, float, float]:
+    """Median (dense wall, MoE wall, dense CPU, MoE CPU) seconds per call."""
+    moe, dense = build(device)
+    moe.train(training)
+    dense.train(training)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(tokens, 1, DIM, generator=generator).to(device).requires_grad_(training)
+    calls = max(1, 2048 // tokens) if not training else 2
+    for _ in range(3):  # warm up both
+        timed(dense, x, training, calls, device)
+        timed(moe, x, training, calls, device)
+    samples: List[Tuple[float, float, float, float]] = []
+    for _ in range(repeats):
+        dense_wall, dense_cpu = timed(dense, x, training, calls, device)
+        moe_wall, moe_cpu = timed(moe, x, training, calls, device)
+        samples.append((dense_wall, moe_wall, dense_cpu, moe_cpu))
+    return tuple(statistics.median(s[i] for s in samples) for i in range(4))  # type: ignore[return-value]
+
+
+def report(device: str, repeats: int, print_line: Callable[[str], None]) -> None:
+    suffix = "" if device == "cpu" else " on GPU"
+    for name, tokens, training in CASES:
+        dense_wall, moe_wall, dense_cpu, moe_cpu = run_case(tokens, training, device, repeats)
+        print_line(f"  {name}: dense {dense_wall * 1e3:.3f} ms, MoE {moe_wall * 1e3:.3f} ms per call"
+                   + (f" (CPU time: dense {dense_cpu * 1e3:.3f} ms, MoE {moe_cpu * 1e3:.3f} ms, "
+                      f"ratio {dense_cpu / moe_cpu:.2f})" if device == "cpu" else ""))
+        print_line(f"ratio to dense{suffix}, {name}: {dense_wall / moe_wall:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=21, help="timings per case and module (median)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"MoE layer: {EXPERTS} experts, dim {DIM}, FFN {FFN}, top-2; dense FFN width {DENSE_FFN}; "
+          f"CPU threads {args.threads}; ratio = dense time / MoE time (higher is better, 1.0 = as fast as dense)")
+    report("cpu", args.repeats, print)
+    if torch.cuda.is_available():
+        report("cuda", args.repeats, print)
+
+
+if __name__ == "__main__":
+    main()
