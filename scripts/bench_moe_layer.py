@@ -71,7 +71,7 @@ def run_case(tokens: int, training: bool, device: str, repeats: int) -> Tuple[fl
     dense.train(training)
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(tokens, 1, DIM, generator=generator).to(device).requires_grad_(training)
-    calls = max(1, 2048 // tokens) if not training else 2
+    calls = max(1, 512 // tokens) if not training else 1
     for _ in range(3):  # warm up both
         timed(dense, x, training, calls, device)
         timed(moe, x, training, calls, device)
@@ -95,7 +95,7 @@ def report(device: str, repeats: int, print_line: Callable[[str], None]) -> None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=21, help="timings per case and module (median)")
+    parser.add_argument("--repeats", type=int, default=11, help="timings per case and module (median)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -5,7 +5,10 @@ Builds a random model with NLLB-200's layout (24+24 layers, an MoE layer every 4
 each of the 12) at small width, so that its 128 rank files hold over 2 GB, saves it sharded (and as
 one file for generation), records statistics with fairseq-generate, and prunes 80% of the experts
 (per language, importance, 3:1). Prints, side by side in this one run:
-  - pruning wall time / time to read the same bytes once (cat to /dev/null)
+  - pruning wall time / time to read the same bytes once (cat to /dev/null), on its own labelled
+    line ``ratio prune / cat of input, cold cache: X`` (lower is better; the page cache of the input
+    files is dropped before each measurement with POSIX_FADV_DONTNEED, which needs no root)
+  - how much of the input prune read (the input's pages in the page cache afterwards, by fincore)
   - pruning peak RSS / (shared part + largest shard)
   - fairseq-generate throughput and peak RSS, pruned model vs full model, same test data
 
@@ -14,13 +17,14 @@ Example: python scripts/bench_prune.py --work /tmp/bench_prune
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,10 +38,15 @@ RSS_WRAPPER = (
 )
 
 
+# this checkout's console script, whatever copy of the package is installed
+CLI = [sys.executable, "-m", "fairseq_moe_prune.cli"]
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+
+
 def run_measured(command: List[str]) -> Tuple[float, int, str]:
     """(wall seconds, peak RSS in bytes, output) of one command."""
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", RSS_WRAPPER, *command], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", RSS_WRAPPER, *command], capture_output=True, text=True, env=ENV)
     wall = time.perf_counter() - start
     if result.returncode != 0:
         sys.exit(f"error: {command[0]} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
@@ -45,14 +54,31 @@ def run_measured(command: List[str]) -> Tuple[float, int, str]:
     return wall, rss, result.stdout + result.stderr
 
 
-def drop_page_cache() -> bool:
-    """Start a measurement with nothing cached (needs root; returns False where not allowed)."""
-    subprocess.run(["sync"])
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
+def drop_page_cache(paths: List[Path]) -> bool:
+    """Start a measurement with the input files out of the page cache; returns False where not possible.
+
+    Evicts exactly these files (fsync, then POSIX_FADV_DONTNEED), which needs no root and leaves the
+    rest of a shared machine's cache alone (``echo 3 > /proc/sys/vm/drop_caches`` needs root).
+    """
+    if not hasattr(os, "posix_fadvise"):
         return False
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
+def resident_bytes(paths: List[Path]) -> Optional[int]:
+    """Bytes of these files in the page cache (util-linux ``fincore``), or None where it is missing."""
+    if shutil.which("fincore") is None:
+        return None
+    result = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *map(str, paths)],
+                            capture_output=True, text=True)
+    return sum(int(line) for line in result.stdout.split()) if result.returncode == 0 else None
 
 
 def task_args(data: Path) -> List[str]:
@@ -106,6 +132,8 @@ def main() -> None:
     parser.add_argument("--ffn", type=int, default=1400, help="expert FFN width (1400 gives ~2.2 GB of experts)")
     parser.add_argument("--reuse", action="store_true", help="reuse the data and model of an earlier run in --work")
     parser.add_argument("--warm", action="store_true", help="do not drop the page cache before each measurement")
+    parser.add_argument("--no-generation", action="store_true",
+                        help="time pruning only (needs --reuse): skip generation with the full and pruned models")
     args = parser.parse_args()
     work = args.work
     single, shared = work / "full.pt", work / "full-shared.pt"
@@ -125,36 +153,40 @@ def main() -> None:
           f"{shared.stat().st_size / 2**20:.1f} MiB", flush=True)
 
     print("statistics and full-model generation", flush=True)
-    full_speed, full_rss = generate(work / "data", single, work / "stats.json")
+    if not args.no_generation:
+        full_speed, full_rss = generate(work / "data", single, work / "stats.json")
     for folder in ("pruned", "pruned-sharded"):
         shutil.rmtree(work / folder, ignore_errors=True)
 
-    cold = not args.warm and drop_page_cache()
+    inputs = [shared, *shards]
+    cold = not args.warm and drop_page_cache(inputs)
     print(f"page cache: {'dropped before each measurement (cold)' if cold else 'as it is (warm)'}", flush=True)
     start = time.perf_counter()
     subprocess.run(["cat", str(shared), *map(str, shards)], stdout=subprocess.DEVNULL, check=True)
     cat_seconds = time.perf_counter() - start
     print("pruning 80%: per language, importance, 3:1, single-file output", flush=True)
-    cold and drop_page_cache()
+    cold and drop_page_cache(inputs)
     prune_seconds, prune_rss, _ = run_measured([
-        "fairseq-moe-prune", "prune", str(shared), "--stats", str(work / "stats.json"), "--out", str(work / "pruned"),
+        *CLI, "prune", str(shared), "--stats", str(work / "stats.json"), "--out", str(work / "pruned"),
         "--granularity", "language", "--metric", "importance", "--prune-fraction", "0.8", "--ratio", "3:1",
         "--directions", "eng_Latn-deu_Latn",
     ])
     # NLLB's sharded layout needs equal counts per layer: 1:1 here (25 per layer, 300 kept)
-    cold and drop_page_cache()
+    cold and drop_page_cache(inputs)
+    read_by_prune = resident_bytes(inputs) if cold else None
     sharded_seconds, sharded_rss, _ = run_measured([
-        "fairseq-moe-prune", "prune", str(shared), "--stats", str(work / "stats.json"), "--out",
+        *CLI, "prune", str(shared), "--stats", str(work / "stats.json"), "--out",
         str(work / "pruned-sharded"), "--granularity", "language", "--prune-fraction", "0.8", "--ratio", "1:1",
         "--directions", "eng_Latn-deu_Latn", "--sharded",
     ])
-    # the CLI's fixed cost: torch + fairseq imported, nothing read
-    cold and drop_page_cache()
-    baseline_seconds, baseline_rss, _ = run_measured(["fairseq-moe-prune", "user-dir"])
+    # the prune command's fixed cost: its imports, nothing read
+    cold and drop_page_cache(inputs)
+    baseline_seconds, baseline_rss, _ = run_measured([sys.executable, "-c", "import fairseq_moe_prune.pruning"])
     pruned = work / "pruned" / "eng_Latn-deu_Latn.pt"
     manifest = json.loads((work / "pruned" / "manifest.json").read_text())
     kept = manifest["outputs"]["eng_Latn-deu_Latn"]["kept_experts"]
-    pruned_speed, pruned_rss = generate(work / "data", pruned)
+    if not args.no_generation:
+        pruned_speed, pruned_rss = generate(work / "data", pruned)
 
     mib = 2**20
     print(f"\ncheckpoint: {total_bytes / 2**30:.2f} GiB; kept {kept} of 1536 experts; "
@@ -162,17 +194,22 @@ def main() -> None:
     print(f"read once (cat):              {cat_seconds:8.2f} s")
     print(f"prune, single-file output:    {prune_seconds:8.2f} s   ratio {prune_seconds / cat_seconds:5.2f} (goal <= 1.5)")
     print(f"prune, sharded output (1:1):  {sharded_seconds:8.2f} s   ratio {sharded_seconds / cat_seconds:5.2f}")
-    print(f"CLI start-up alone:           {baseline_seconds:8.2f} s; single-file prune without it: "
+    if read_by_prune is not None:
+        print(f"input read by prune:          {read_by_prune / mib:8.0f} MiB of {total_bytes / mib:.0f} MiB "
+              f"({read_by_prune / total_bytes:.0%}, pages in the page cache after the cold single-file prune)")
+    print(f"imports of prune alone:       {baseline_seconds:8.2f} s; single-file prune without them: "
           f"ratio {(prune_seconds - baseline_seconds) / cat_seconds:5.2f}")
     goal = shared.stat().st_size + 2 * max(sizes)
     print(f"shared + 2 largest shards:    {goal / mib:8.0f} MiB (the goal for RSS above the baseline)")
-    print(f"peak RSS of the CLI doing nothing (torch + fairseq imported): {baseline_rss / mib:.0f} MiB")
+    print(f"peak RSS of the prune command's imports alone: {baseline_rss / mib:.0f} MiB")
     for label, rss in (("single-file output", prune_rss), ("sharded output", sharded_rss)):
         print(f"peak RSS, {label + ':':<20}{rss / mib:8.0f} MiB; above baseline {(rss - baseline_rss) / mib:6.0f} MiB, "
               f"ratio to shared + 2 shards {(rss - baseline_rss) / goal:5.2f} (goal <= 1)")
-    print(f"generation, full:   {full_speed:7.2f} sentences/s, peak RSS {full_rss / mib:6.0f} MiB")
-    print(f"generation, pruned: {pruned_speed:7.2f} sentences/s, peak RSS {pruned_rss / mib:6.0f} MiB  "
-          f"(speed x{pruned_speed / full_speed:.2f}, memory x{pruned_rss / full_rss:.2f})")
+    if not args.no_generation:
+        print(f"generation, full:   {full_speed:7.2f} sentences/s, peak RSS {full_rss / mib:6.0f} MiB")
+        print(f"generation, pruned: {pruned_speed:7.2f} sentences/s, peak RSS {pruned_rss / mib:6.0f} MiB  "
+              f"(speed x{pruned_speed / full_speed:.2f}, memory x{pruned_rss / full_rss:.2f})")
+    print(f"ratio prune / cat of input, {'cold' if cold else 'warm'} cache: {prune_seconds / cat_seconds:.2f}")
 
 
 if __name__ == "__main__":

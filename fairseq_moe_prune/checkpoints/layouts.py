@@ -83,7 +83,7 @@ class MoECheckpoint:
         # every rank file has the same layout (NLLB's does): shapes come from rank 0, and each tensor is
         # checked against them when it is finally read
         per_rank = self.experts_per_rank()
-        first = load_checkpoint(self.ranks[0])["model"]
+        first = load_checkpoint(self.ranks[0], meta=True)["model"]  # the pickle alone: no tensor bytes read
         shapes = {p: {n: (tuple(t.shape), t.dtype) for n, t in expert_tensors(first, p, 0, self.ranks[0]).items()}
                   for p in wanted}
         del first

@@ -161,12 +161,18 @@ def check_checkpoint(path: str) -> None:
         )
 
 
-def load_checkpoint(path: str, mmap: bool = True) -> Dict[str, Any]:
-    """Load a checkpoint onto the CPU safely; tensors stay memory-mapped when possible."""
+def load_checkpoint(path: str, mmap: bool = True, meta: bool = False) -> Dict[str, Any]:
+    """Load a checkpoint onto the CPU safely; tensors stay memory-mapped when possible.
+
+    With ``meta`` only the pickle is read: tensors come on the meta device, and each one's storage
+    carries ``_checkpoint_offset``, where its bytes start in the file.
+    """
     import torch
 
     check_checkpoint(path)
     try:
+        if meta:
+            return torch.load(path, map_location="meta", weights_only=True)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         raise UnsafeCheckpointError(f"{path}: refusing to load: {refusal_reason(error)}") from None

@@ -14,11 +14,13 @@ so corrupted weights are refused rather than copied under a fresh CRC.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import os
 import pickle
 import re
 import struct
+import sys
 import types
 import zipfile
 import zlib
@@ -168,11 +170,84 @@ class CheckpointSource(Mapping[str, Tensor]):
         return len(self.weights)
 
 
+class CheckpointRecords(Mapping[str, Tensor]):
+    """The ``model`` tensors of a torch checkpoint, each read from its own zip record when asked for.
+
+    Only the pickle and the zip's central directory are read up front (the pickle on the meta device,
+    where each storage knows the offset of its bytes in the file); a tensor asked for is read with one
+    ``pread`` of exactly its record's bytes and checked against the record's CRC-32, so the records
+    nobody asks for are never touched. Anything else (the legacy format, a big-endian file, a tensor
+    that is part of a larger record) is read through :class:`CheckpointSource`.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.meta = load_checkpoint(path, meta=True)["model"]
+        self.mapped: Optional[CheckpointSource] = None
+        self.records: List[zipfile.ZipInfo] = []
+        self.little_endian = False
+        if sys.byteorder == "little" and zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                self.records = sorted(archive.infolist(), key=lambda info: info.header_offset)
+                orders = [info for info in self.records if info.filename.endswith("/byteorder")]
+                self.little_endian = not orders or archive.read(orders[0]).strip() == b"little"
+        self.starts = [info.header_offset for info in self.records]
+        stat = os.stat(path)
+        self.version = (stat.st_size, stat.st_mtime_ns)
+        self.fd = os.open(path, os.O_RDONLY)
+        if hasattr(os, "posix_fadvise"):  # no read-ahead: it would read the neighbouring (pruned) records too
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
+
+    def __del__(self) -> None:
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def record(self, meta: Tensor) -> Optional[zipfile.ZipInfo]:
+        """The zip record that holds exactly ``meta``'s bytes, if one does."""
+        offset = getattr(meta.untyped_storage(), "_checkpoint_offset", None)
+        if offset is None or not self.little_endian or not meta.is_contiguous() or meta.storage_offset():
+            return None
+        index = bisect.bisect_left(self.starts, offset) - 1  # the last record whose header precedes the bytes
+        if index < 0 or self.records[index].file_size != meta.numel() * meta.element_size() \
+                or self.records[index].compress_type != zipfile.ZIP_STORED:
+            return None
+        return self.records[index]
+
+    def __getitem__(self, key: str) -> Tensor:
+        meta = self.meta[key]
+        info = self.record(meta)
+        if info is None:
+            if self.mapped is None:
+                self.mapped = CheckpointSource(self.path)
+            return self.mapped[key]
+        tensor = torch.empty(meta.shape, dtype=meta.dtype)
+        if info.file_size == 0:
+            return tensor
+        data = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+        if os.preadv(self.fd, [data], meta.untyped_storage()._checkpoint_offset) != len(data):
+            raise CheckpointError(f"{self.path}: {key} runs past the end of the file (truncated?)")
+        if (self.path, info.filename, self.version) not in VERIFIED:
+            if zlib.crc32(data) != info.CRC:
+                raise CheckpointError(f"{self.path}: record {info.filename} is corrupt (its bytes do not match their CRC-32)")
+            VERIFIED.add((self.path, info.filename, self.version))
+        return tensor
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.meta
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.meta)
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+
 def open_source(path: str) -> Mapping[str, Tensor]:
-    """The tensors that :class:`SourceTensor` entries of ``path`` name."""
+    """The tensors that :class:`SourceTensor` entries of ``path`` name, read one by one when asked for."""
     if path.endswith(".safetensors"):
         return SafetensorsFile(path)
-    return CheckpointSource(path)
+    return CheckpointRecords(path)
 
 
 def source_tensor(entry: SourceTensor, source: Mapping[str, Tensor]) -> Tensor:

@@ -5,11 +5,13 @@ import shutil
 import struct
 import zipfile
 
+import pytest
 import torch
 
 from fairseq_moe_prune import cli
 from fairseq_moe_prune.checkpoints.convert import convert
-from fairseq_moe_prune.checkpoints.streaming import SourceTensor, save_streaming
+from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
+from fairseq_moe_prune.checkpoints.streaming import CheckpointRecords, SourceTensor, save_streaming
 from tests.helpers import tiny_checkpoint_with_stats
 
 
@@ -73,3 +75,26 @@ def test_corrupt_input_bytes_are_refused_not_copied(tmp_path, capsys):
         assert cli.main(argv) == 1
         assert capsys.readouterr().err.strip() == f"fairseq-moe-prune: error: {message} (its bytes do not match their CRC-32)"
     assert sorted(os.listdir(tmp_path)) == ["corrupt.pt", "in", "sharded"]
+
+
+def test_checkpoint_records_read_each_tensor_from_its_own_record(tmp_path):
+    torch.manual_seed(0)
+    tied = torch.randn(6, 4)
+    model = {"a": tied, "b": tied, "half": torch.randn(3, 5).half(), "ints": torch.arange(7), "empty": torch.zeros(0),
+             "row": torch.randn(4, 8)[1]}  # a view: its storage is the whole matrix
+    torch.save({"model": model}, tmp_path / "rank-0.pt")
+    records = CheckpointRecords(str(tmp_path / "rank-0.pt"))
+    assert sorted(records) == sorted(model) and "a" in records and "zzz" not in records
+    for key, tensor in model.items():
+        if key != "row":
+            assert records[key].dtype == tensor.dtype and torch.equal(records[key], tensor), key
+    assert records.mapped is None  # each tensor was its record's bytes, read alone
+    assert torch.equal(records["row"], model["row"]) and records.mapped is not None  # part of a record: mapped
+
+    data = (tmp_path / "rank-0.pt").read_bytes()
+    cut = tmp_path / "cut.pt"
+    with zipfile.ZipFile(tmp_path / "rank-0.pt") as archive:
+        end_of_a = max(info.header_offset for info in archive.infolist() if info.filename.endswith("/data/0"))
+    cut.write_bytes(data[: end_of_a + 40] + data[-4096:])  # the first tensor's bytes are gone
+    with pytest.raises(CheckpointError):
+        CheckpointRecords(str(cut))["a"]
