@@ -171,9 +171,9 @@ def main() -> None:
         "--granularity", "language", "--metric", "importance", "--prune-fraction", "0.8", "--ratio", "3:1",
         "--directions", "eng_Latn-deu_Latn",
     ])
+    read_by_prune = resident_bytes(inputs) if cold else None
     # NLLB's sharded layout needs equal counts per layer: 1:1 here (25 per layer, 300 kept)
     cold and drop_page_cache(inputs)
-    read_by_prune = resident_bytes(inputs) if cold else None
     sharded_seconds, sharded_rss, _ = run_measured([
         *CLI, "prune", str(shared), "--stats", str(work / "stats.json"), "--out",
         str(work / "pruned-sharded"), "--granularity", "language", "--prune-fraction", "0.8", "--ratio", "1:1",
