@@ -76,6 +76,7 @@ def main() -> None:
     for label, index in (("wall time, whole command", 0), ("generation time (fairseq)", 1)):
         without, with_ = median(plain, index), median(recorded, index)
         print(f"{label:<28}{without:>9.2f}s{with_:>9.2f}s{with_ / without:>8.3f}")
+    print(f"ratio generation time with / without recording: {median(recorded, 1) / median(plain, 1):.3f}")
 
 
 if __name__ == "__main__":
