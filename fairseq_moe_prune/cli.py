@@ -57,14 +57,18 @@ def cmd_prune(args: argparse.Namespace) -> None:
         metric=args.metric, granularity=args.granularity, selection=args.selection,
         prune_fraction=args.prune_fraction, keep=args.keep, ratio=args.ratio, threshold=args.threshold,
         min_per_layer=args.min_per_layer, directions=args.directions.split(",") if args.directions else None,
-        fp16=args.fp16, sharded=args.sharded, seed=args.seed,
+        fp16=args.fp16, sharded=args.sharded, seed=args.seed, skip_beta=args.skip_beta, beam=args.beam,
     )
     if options.selection == "fixed" and args.threshold is not None:
         raise SelectionError("--threshold goes with --selection threshold")
     if options.prune_fraction is None and options.keep is None and options.threshold is None and not args.experts_json:
         raise SelectionError("give a budget: --prune-fraction, --keep or (with --selection threshold) --threshold")
+    if not (args.stats or args.experts_json or args.calibration):
+        raise SelectionError("give --stats, --calibration (with --metric reconstruction) or --experts-json")
+    if args.beam < 1:
+        raise SelectionError(f"--beam must be at least 1, got {args.beam}")
     manifest = prune(args.checkpoint, args.out, options, stats_path=args.stats,
-                     experts_json_in=args.experts_json, force=args.force)
+                     experts_json_in=args.experts_json, force=args.force, calibration_path=args.calibration)
     for name, output in manifest["outputs"].items():
         print(f"{os.path.join(args.out, output['files'][0])}: kept {output['kept_experts']} experts "
               f"({output['pruned_fraction'] * 100:.1f}% pruned)")
@@ -119,13 +123,21 @@ def build_parser() -> argparse.ArgumentParser:
     prune = commands.add_parser("prune", help=cmd_prune.__doc__)
     prune.add_argument("checkpoint", help="a checkpoint file, or X-shared.pt of an expert-sharded one")
     prune.add_argument("--out", required=True, help="folder to create with the pruned checkpoints")
-    source = prune.add_mutually_exclusive_group(required=True)
+    source = prune.add_mutually_exclusive_group()
     source.add_argument("--stats", help="statistics file from --moe-stats-out")
     source.add_argument("--experts-json", help="apply expert sets chosen elsewhere (NLLB paper's format)")
+    prune.add_argument("--calibration", help="calibration samples from --moe-calibration-out (a folder or a file), "
+                       "for --metric reconstruction and --skip-beta median")
     prune.add_argument("--granularity", choices=["global", "pair", "language"], default="language",
                        help="one expert set for all directions, per language pair, or per language "
                             "(encoder from the source, decoder from the target); default language")
-    prune.add_argument("--metric", choices=METRICS, default="importance", help="how experts are ranked (default importance)")
+    prune.add_argument("--metric", choices=METRICS + ("reconstruction",), default="importance",
+                       help="how experts are ranked (default importance); reconstruction: keep the set whose layer "
+                            "output is closest to the full layer's (needs --calibration)")
+    prune.add_argument("--beam", type=int, default=4,
+                       help="kept sets the reconstruction search carries when it cannot enumerate them all")
+    prune.add_argument("--skip-beta", help="store dynamic skipping in the checkpoints: median (of the calibration "
+                       "tokens, per layer), a number, or one number per MoE layer")
     prune.add_argument("--selection", choices=["fixed", "threshold"], default="fixed",
                        help="fixed: a number per layer (--ratio); threshold: metric mass over all layers (default fixed)")
     prune.add_argument("--prune-fraction", type=float, help="fraction of all experts to remove, e.g. 0.8")

@@ -11,18 +11,23 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
 
+from torch import Tensor
 from tqdm import tqdm
 
+from fairseq_moe_prune import calibration as calibration_lib
+from fairseq_moe_prune import reconstruction
 from fairseq_moe_prune import stats as stats_lib
 from fairseq_moe_prune.checkpoints.layouts import MoECheckpoint, open_checkpoint
+from fairseq_moe_prune.checkpoints.streaming import materialize
 from fairseq_moe_prune.checkpoints.surgery import (
+    PrunedCheckpoint,
     check_output,
     prune_checkpoint,
     save_sharded,
     save_single,
     staged_directory,
 )
-from fairseq_moe_prune.models.layout import MoELayerSpec
+from fairseq_moe_prune.models.layout import MoELayerSpec, config_value
 from fairseq_moe_prune.ranking import (
     Budget,
     SelectionError,
@@ -52,12 +57,16 @@ class PruneOptions:
     fp16: bool = False
     sharded: bool = False
     seed: int = 0  # for the random metric
+    skip_beta: Optional[str] = None  # dynamic skipping: "median" (of the calibration tokens), a number or one per layer
+    beam: int = 4  # reconstruction: kept sets the search carries (1: greedy)
+    exact_limit: int = 5000  # reconstruction: enumerate every kept set when there are at most this many
 
 
 @dataclass
 class Choice:
     kept: Selection
     values: Dict[str, List[float]] = field(default_factory=dict)  # metric value of each kept expert
+    losses: Dict[str, float] = field(default_factory=dict)  # reconstruction loss of each layer (reconstruction)
 
 
 def choose(counts: Mapping[str, LayerCounts], specs: List[MoELayerSpec], options: PruneOptions, name: str) -> Choice:
@@ -116,6 +125,8 @@ def combine_direction(direction: str, per_language: Mapping[str, Choice], specs:
             raise SelectionError(f"language {language} has no statistics as a {role} (needed for {direction})")
         combined.kept[spec.prefix] = per_language[language].kept[spec.prefix]
         combined.values[spec.prefix] = per_language[language].values.get(spec.prefix, [])
+        if spec.prefix in per_language[language].losses:
+            combined.losses[spec.prefix] = per_language[language].losses[spec.prefix]
     return combined
 
 
@@ -186,9 +197,10 @@ def uniform_count(specs: List[MoELayerSpec]) -> int:
 
 
 def prune(checkpoint_path: str, out_dir: str, options: PruneOptions, stats_path: Optional[str] = None,
-          experts_json_in: Optional[str] = None, force: bool = False) -> Dict[str, object]:
+          experts_json_in: Optional[str] = None, force: bool = False,
+          calibration_path: Optional[str] = None) -> Dict[str, object]:
     """Write one pruned checkpoint per target into ``out_dir`` (created whole, or not at all)."""
-    inputs = [checkpoint_path, *(path for path in (stats_path, experts_json_in) if path)]
+    inputs = [checkpoint_path, *(path for path in (stats_path, experts_json_in, calibration_path) if path)]
     check_output(out_dir, inputs, force)
     checkpoint = open_checkpoint(checkpoint_path)
     check_output(out_dir, checkpoint.ranks or [], force)
@@ -197,28 +209,39 @@ def prune(checkpoint_path: str, out_dir: str, options: PruneOptions, stats_path:
         if not stats.pairs:
             raise StatsError(f"{stats_path} holds no language pairs (nothing was recorded)")
         check_stats_match(stats, checkpoint)
+    calibration = load_calibration(calibration_path, checkpoint) if calibration_path else None
     imported = read_experts_json(experts_json_in, checkpoint.specs) if experts_json_in else None
-    if stats is None and imported is None:
-        raise SelectionError("give --stats or --experts-json")
-    outputs, per_language = plan(stats, checkpoint.specs, options, imported)
+    if options.metric == "reconstruction" and imported is None:
+        outputs, per_language = reconstruction_plan(calibration, checkpoint, options)
+    else:
+        if stats is None and imported is None:
+            raise SelectionError("give --stats or --experts-json")
+        outputs, per_language = plan(stats, checkpoint.specs, options, imported)
+    betas = {name: skip_betas(calibration, checkpoint.specs, options, name, choice) for name, choice in outputs.items()}
 
     with staged_directory(out_dir, force) as staging:
-        return write_outputs(checkpoint, outputs, per_language, staging, options, stats_path, experts_json_in)
+        return write_outputs(checkpoint, outputs, per_language, staging, options, stats_path, experts_json_in,
+                             calibration_path, betas)
 
 
 def write_outputs(checkpoint: MoECheckpoint, outputs: Mapping[str, Choice], per_language: Mapping[str, Choice],
                   staging: str, options: PruneOptions, stats_path: Optional[str],
-                  experts_json_in: Optional[str]) -> Dict[str, object]:
+                  experts_json_in: Optional[str], calibration_path: Optional[str] = None,
+                  betas: Optional[Mapping[str, Optional[List[float]]]] = None) -> Dict[str, object]:
     total = sum(spec.num_experts for spec in checkpoint.specs)
     manifest: Dict[str, object] = {
         "source_checkpoint": os.path.abspath(checkpoint.path),
         "statistics": os.path.abspath(stats_path) if stats_path else None,
         "experts_json": os.path.abspath(experts_json_in) if experts_json_in else None,
+        "calibration": os.path.abspath(calibration_path) if calibration_path else None,
         "options": asdict(options),
         "outputs": {},
     }
     for name, choice in tqdm(sorted(outputs.items()), desc="pruned checkpoints", unit="ckpt", disable=None):
         pruned = prune_checkpoint(checkpoint, choice.kept)
+        layer_betas = (betas or {}).get(name)
+        if layer_betas is not None:
+            set_model_config(pruned, "moe_skip_betas", format_betas(layer_betas))
         if options.sharded:
             paths = save_sharded(pruned, os.path.join(staging, f"{name}-shared.pt"), options.fp16)
             files = [os.path.basename(p) for p in paths]
@@ -235,9 +258,145 @@ def write_outputs(checkpoint: MoECheckpoint, outputs: Mapping[str, Choice], per_
                 for prefix, ids in choice.kept.items()
             },
         }
+        if choice.losses:
+            manifest["outputs"][name]["reconstruction_loss"] = {p: round(v, 8) for p, v in choice.losses.items()}
+        if layer_betas is not None:
+            manifest["outputs"][name]["skip_betas"] = format_betas(layer_betas)
         del pruned
     if per_language and len({spec.num_experts for spec in checkpoint.specs}) == 1:
         stats_lib.write_atomic(os.path.join(staging, "experts.json"),
                                json.dumps(experts_json(per_language, checkpoint.specs), sort_keys=True) + "\n")
     stats_lib.write_atomic(os.path.join(staging, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
+
+
+# --- reconstruction-loss selection and dynamic skipping (Lu et al. 2024); see reconstruction.py -------------
+
+
+def load_calibration(path: str, checkpoint: MoECheckpoint) -> "calibration_lib.Calibration":
+    calibration = calibration_lib.load(path)
+    weights = checkpoint.state["model"]
+    fingerprint = gate_fingerprint([weights[f"{s.prefix}.gate.wg.weight"] for s in checkpoint.specs], checkpoint.specs)
+    if calibration.fingerprint != fingerprint:
+        raise StatsError("the calibration samples come from another model (MoE layers or gate weights differ from "
+                         "the checkpoint)")
+    return calibration
+
+
+def layer_experts(checkpoint: MoECheckpoint, spec: MoELayerSpec) -> List[Dict[str, Tensor]]:
+    """The weights of every expert of one layer (a sharded checkpoint opens its rank files for them)."""
+    entries = {expert: tensors for _, expert, tensors
+               in checkpoint.experts({spec.prefix: list(range(spec.num_experts))})}
+    return [materialize(entries[expert]) for expert in range(spec.num_experts)]
+
+
+def view_names(calibration: "calibration_lib.Calibration", options: PruneOptions) -> List[str]:
+    """The expert sets to choose: "global", each pair, or each language (as a source or a target)."""
+    if options.granularity == "global":
+        return ["global"]
+    if options.granularity == "pair":
+        pairs = direction_pairs(calibration, options)
+        for pair in pairs:
+            if pair not in calibration.pairs:
+                raise SelectionError(f"language pair {pair} is not in the calibration samples "
+                                     f"(has {', '.join(sorted(calibration.pairs))})")
+        return pairs
+    return sorted({language for pair in calibration.pairs for language in stats_lib.split_pair(pair)})
+
+
+def reconstruction_plan(calibration: Optional["calibration_lib.Calibration"], checkpoint: MoECheckpoint,
+                        options: PruneOptions) -> Tuple[Dict[str, Choice], Dict[str, Choice]]:
+    """Like :func:`plan`, with each layer's kept set chosen by reconstruction loss on calibration tokens.
+
+    Layer by layer: the layer's experts are read once, and run once on each view's tokens.
+    """
+    if calibration is None:
+        raise SelectionError("--metric reconstruction needs --calibration (samples from --moe-calibration-out)")
+    if options.granularity not in GRANULARITIES:
+        raise SelectionError(f"unknown granularity {options.granularity!r} ({', '.join(GRANULARITIES)})")
+    if options.selection != "fixed":
+        raise SelectionError("--metric reconstruction chooses a fixed number per layer (--selection fixed)")
+    config = checkpoint.config
+    if bool(config_value(config, "moe_top1_expert", False)):
+        raise SelectionError("--metric reconstruction supports top-2 gating only")
+    activation_fn = reconstruction.activation(str(config_value(config, "activation_fn", "relu")))
+    eom = float(config_value(config, "moe_eom", 0.0))
+    specs = checkpoint.specs
+    per_layer = fixed_per_layer_counts(specs, Budget(options.prune_fraction, options.keep), options.ratio,
+                                       options.min_per_layer)
+    names = view_names(calibration, options)
+    choices = {name: Choice({}, {}) for name in names}
+    for spec in tqdm(specs, desc="reconstruction search", unit="layer", disable=None):
+        if per_layer[spec.prefix] == spec.num_experts:  # nothing to choose (e.g. --prune-fraction 0 --skip-beta)
+            for name in names:
+                choices[name].kept[spec.prefix] = list(range(spec.num_experts))
+            continue
+        experts = layer_experts(checkpoint, spec)
+        for name in names:
+            pool, what = calibration_lib.view(calibration, options.granularity, name, spec.prefix)
+            if pool.size == 0:
+                if options.granularity == "language":
+                    continue  # this language never was on this side; combine_direction says so if it is needed
+                raise SelectionError(f"the calibration samples have no tokens of {spec.prefix} from {what}")
+            problem = reconstruction.layer_problem(pool.inputs, pool.probs, pool.outputs, pool.weights, experts,
+                                                   activation_fn, eom)
+            result = reconstruction.search(problem, per_layer[spec.prefix], options.exact_limit, options.beam)
+            choices[name].kept[spec.prefix] = result.kept
+            choices[name].values[spec.prefix] = result.removal_cost
+            choices[name].losses[spec.prefix] = result.loss
+            del problem
+        del experts
+    if options.granularity == "language":
+        return {d: combine_direction(d, choices, specs) for d in direction_pairs(calibration, options)}, choices
+    return choices, {}
+
+
+def parse_skip_beta(text: str, specs: List[MoELayerSpec]) -> Optional[List[float]]:
+    """``median`` -> None (computed per layer); a number -> every layer; a list -> one per MoE layer."""
+    if text == "median":
+        return None
+    try:
+        betas = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise SelectionError(f"--skip-beta takes median, a number or one number per MoE layer, got {text!r}") from None
+    if len(betas) == 1:
+        betas = betas * len(specs)
+    if len(betas) != len(specs):
+        raise SelectionError(f"--skip-beta lists {len(betas)} betas but the model has {len(specs)} MoE layers")
+    if any(not 0.0 <= beta <= 1.0 for beta in betas):
+        raise SelectionError(f"skip betas must be in [0, 1], got {text!r}")
+    return betas
+
+
+def skip_betas(calibration: Optional["calibration_lib.Calibration"], specs: List[MoELayerSpec], options: PruneOptions,
+               name: str, choice: Choice) -> Optional[List[float]]:
+    """The per-layer betas to store for output ``name`` (None: no skipping)."""
+    if options.skip_beta is None:
+        return None
+    betas = parse_skip_beta(options.skip_beta, specs)
+    if betas is not None:
+        return betas
+    if calibration is None:
+        raise SelectionError("--skip-beta median needs --calibration (samples from --moe-calibration-out)")
+    betas = []
+    for spec in specs:
+        pool, what = calibration_lib.view(calibration, options.granularity, name, spec.prefix)
+        if pool.size == 0:
+            raise SelectionError(f"the calibration samples have no tokens of {spec.prefix} from {what}")
+        betas.append(reconstruction.median_skip_beta(pool.probs, pool.weights, choice.kept[spec.prefix]))
+    return betas
+
+
+def format_betas(betas: List[float]) -> str:
+    return ",".join(f"{beta:.6f}" for beta in betas)
+
+
+def set_model_config(pruned: PrunedCheckpoint, name: str, value: object) -> None:
+    """Set a field of the pruned checkpoint's model config (a copy made by the surgery)."""
+    state = pruned.state
+    config = state["cfg"]["model"] if state.get("cfg") is not None and state["cfg"].get("model") is not None \
+        else state["args"]
+    if isinstance(config, dict):
+        config[name] = value
+    else:
+        setattr(config, name, value)

@@ -77,7 +77,10 @@ def routing_counts(routing: Routing, padding: Optional[Tensor], dispatch: Dispat
     routed = zeros.scatter_add(0, dispatch.experts, dispatched_real)
     saliency = torch.round(dispatch.weights.float() * dispatch.output_norms * REAP_SCALE).long() * dispatched_real
     reap_sum = zeros.scatter_add(0, dispatch.experts, saliency)
-    return [real.sum(), top1, top2, fixed.sum(dim=0), prob_first, prob_second, rank_sum, routed, reap_sum]
+    skipped = zeros.clone()  # a tensor of its own: totals are added to in place
+    if routing.skipped is not None:  # dynamic skipping: count the skipped second experts
+        skipped = zeros.scatter_add(0, second, routing.skipped.long() * real)
+    return [real.sum(), top1, top2, fixed.sum(dim=0), prob_first, prob_second, rank_sum, routed, reap_sum, skipped]
 
 
 class Recorder:
@@ -94,9 +97,14 @@ class Recorder:
         self.pending: Dict[int, List[Tensor]] = {}
         self.committed: Dict[str, Dict[int, List[Tensor]]] = {}
         self.sentences: Dict[str, int] = {}
+        # calibration samples of the same tokens (--moe-calibration-out), set by the recording hook
+        self.calibration: Optional[Any] = None
 
     def _observer(self, index: int):
-        def observe(layer: MoELayer, routing: Routing, padding: Optional[Tensor], dispatch: Dispatch) -> None:
+        def observe(layer: MoELayer, routing: Routing, padding: Optional[Tensor], dispatch: Dispatch,
+                    inputs: Tensor, outputs: Tensor) -> None:
+            if self.calibration is not None:
+                self.calibration.observe(index, inputs, routing.probs, outputs, padding)
             counts = routing_counts(routing, padding, dispatch)
             if index in self.pending:
                 for total, count in zip(self.pending[index], counts):
@@ -132,10 +140,14 @@ class Recorder:
                 committed[index] = batch
         self.pending = {}
         self.sentences[pair] = self.sentences.get(pair, 0) + sentences
+        if self.calibration is not None:
+            self.calibration.commit(pair)
 
     def discard(self) -> None:
         """Forget an unfinished batch."""
         self.pending = {}
+        if self.calibration is not None:
+            self.calibration.discard()
 
     def snapshot(self) -> MoEStats:
         """The committed counts as a statistics object (this copies them to the host)."""

@@ -26,13 +26,14 @@ from fairseq_moe_prune.errors import FairseqMoEPruneError
 from fairseq_moe_prune.files import atomic_open
 
 FORMAT = "fairseq-moe-prune/stats"
-VERSION = 3  # 2 added routed / reap_sum (REAP saliency); 3 added runs (identity and subset size)
-READABLE_VERSIONS = (2, 3)  # a version 2 file reads as one with no runs listed
+VERSION = 4  # 2 added routed / reap_sum (REAP saliency); 3 added runs (identity and subset size); 4 added skipped
+READABLE_VERSIONS = (2, 3, 4)  # a version 2 file reads as one with no runs listed; 2 and 3 with nothing skipped
 PROB_SCALE = 2**32  # probabilities are summed as round(p * PROB_SCALE)
 REAP_SCALE = 2**20  # gate weight * expert output norm, summed as round(v * REAP_SCALE)
 
 # The per-expert arrays of a layer, all int64.
-COUNT_FIELDS = ("top1", "top2", "prob_sum", "prob_first_sum", "prob_second_sum", "rank_sum", "routed", "reap_sum")
+COUNT_FIELDS = ("top1", "top2", "prob_sum", "prob_first_sum", "prob_second_sum", "rank_sum", "routed", "reap_sum",
+                "skipped")
 
 
 class StatsError(FairseqMoEPruneError, ValueError):
@@ -72,6 +73,11 @@ class LayerCounts:
     rank_sum: np.ndarray  # sum of e's rank (0 = most probable) over all tokens
     routed: np.ndarray  # tokens e actually processed (after capacity and policy)
     reap_sum: np.ndarray  # sum over those tokens of gate weight * ||e's output||, fixed point (REAP)
+    skipped: Optional[np.ndarray] = None  # tokens whose second choice e was skipped (dynamic skipping); None: 0
+
+    def __post_init__(self) -> None:
+        if self.skipped is None:
+            self.skipped = np.zeros(len(self.top1), dtype=np.int64)
 
     @classmethod
     def zeros(cls, num_experts: int) -> "LayerCounts":
@@ -100,7 +106,7 @@ class LayerCounts:
             raise StatsError(f"{where} is not an object")
         arrays = []
         for name in COUNT_FIELDS:
-            values = data[name]
+            values = data[name] if name != "skipped" or name in data else [0] * num_experts  # before version 4
             if not isinstance(values, list) or len(values) != num_experts:
                 raise StatsError(f"{where}.{name} must list {num_experts} counts, one per expert")
             if not all(type(value) is int for value in values) or min(values) < 0 or max(values) > MAX_COUNT:

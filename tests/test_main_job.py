@@ -25,7 +25,7 @@ def test_main_job_ci_preset(tmp_path):
 
     sweep = work / "sweep"
     results = json.loads((sweep / "sweep.json").read_text())
-    assert len(results) == 1 + 4 * 5  # the full model, then 4 methods x 5 levels
+    assert len(results) == 1 + 5 * 5  # the full model, then 5 methods x 5 levels
     for run in results.values():
         assert sorted(run["directions"]) == sorted(PAIRS)
         assert all(scores["sentences"] == 10 for scores in run["directions"].values())
@@ -33,6 +33,7 @@ def test_main_job_ci_preset(tmp_path):
     parameters = {name: run["directions"]["eng_Latn-deu_Latn"]["parameters"] for name, run in results.items()}
     assert parameters["full"] > parameters["importance-language-25"] > parameters["importance-language-90"]
     assert parameters["random-global-75"] == parameters["importance-language-75"]
+    assert parameters["reconstruction-language-75"] == parameters["importance-language-75"]
     assert results["importance-language-80"]["pruned_fraction"] == pytest.approx(0.8125)
     # per-language expert sets were written in the NLLB paper's format; checkpoints were cleaned up
     experts = json.loads((sweep / "importance-language-75" / "experts.json").read_text())
@@ -40,11 +41,17 @@ def test_main_job_ci_preset(tmp_path):
     assert not list(sweep.rglob("*.pt"))
 
     report = (sweep / "report.md").read_text()
-    for heading in ("## Targets", "## chrF++", "## BLEU", "## Model size", "## Are experts language-specific?"):
+    for heading in ("## Targets", "## chrF++", "## BLEU", "## Model size", "## Are experts language-specific?",
+                    "## Reconstruction loss vs importance", "## Dynamic skipping of the second expert"):
         assert heading in report
     # every change vs the full model with its 95% interval; out of English and into English apart
     assert "paired bootstrap resampling of the test sentences" in report and "## Out of English vs into English" in report
     assert all("hypotheses" in scores for run in results.values() for scores in run["directions"].values())
+    # skipping on / off at 0, 50 and 80%: the rule fired on some tokens, and without betas on none
+    skipping = json.loads((sweep / "skipping.json").read_text())
+    assert sorted(skipping) == ["skip-0", "skip-50", "skip-80"]
+    assert all(0 < entry["on"]["skipped_share"] < 1 and entry["off"]["skipped_share"] == 0 for entry in skipping.values())
+    assert sorted(path.name for path in (work / "calibration").iterdir()) == sorted(f"{p}.safetensors" for p in PAIRS)
     for name in ("quality_vs_pruning.png", "size_vs_quality.png", "expert_usage.png"):
         assert (sweep / name).read_bytes().startswith(PNG)
 

@@ -6,6 +6,7 @@ expert-usage heatmaps (languages x experts) of one encoder and one decoder MoE l
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -273,6 +274,8 @@ def write_report(work: Path, results: Dict[str, dict], statistics_path: Path, se
         "## chrF++ per direction at 80%",
         *per_direction(results, 0.8),
         "",
+        *reconstruction_section(results),
+        *skipping_section(work / "skipping.json"),
     ]
     if task_moe is not None:
         lines += task_moe_section(task_moe, work)
@@ -378,3 +381,49 @@ def directions_split(results: Dict[str, dict], noise: Noise | None) -> List[str]
                     for group, directions in [("all directions", None), *groups.items()]) + ".")
         lines.append("")
     return lines
+
+
+# --- reconstruction-loss pruning and dynamic skipping (Lu et al. 2024) ---------------------------------------
+
+RECONSTRUCTION = "reconstruction per language"
+
+
+def reconstruction_section(results: Dict[str, dict]) -> List[str]:
+    """Reconstruction loss vs importance, both per language, at every level (chrF++ mean and directions won)."""
+    if not runs_of(results, RECONSTRUCTION):
+        return []
+    lines = ["## Reconstruction loss vs importance (both per language)",
+             "Each layer keeps the experts whose pruned output is closest (Frobenius norm) to the full layer's on "
+             "the calibration tokens of its language (encoder: as a source, decoder: as a target).", "",
+             "| level | importance | reconstruction | difference | directions better / worse |", "|---|---|---|---|---|"]
+    for run in runs_of(results, RECONSTRUCTION):
+        other = run_at(results, BEST, run["level"])
+        if other is None:
+            continue
+        better = sum(run["directions"][d]["chrf++"] > other["directions"][d]["chrf++"] for d in run["directions"])
+        worse = sum(run["directions"][d]["chrf++"] < other["directions"][d]["chrf++"] for d in run["directions"])
+        ours, theirs = mean(run, "chrf++"), mean(other, "chrf++")
+        lines.append(f"| {run['level']:.0%} | {theirs:.2f} | {ours:.2f} | {ours - theirs:+.2f} | {better} / {worse} |")
+    return lines + [""]
+
+
+def skipping_section(path: Path) -> List[str]:
+    """Dynamic skipping on / off: chrF++, speed measured side by side, share of second experts skipped."""
+    if not path.exists():
+        return []
+    entries = sorted(json.loads(path.read_text()).values(), key=lambda entry: entry["level"])
+    lines = ["## Dynamic skipping of the second expert",
+             "A token's second expert is skipped when its gate value is below beta times the first's (beta per "
+             "layer and language: the median ratio on the dev calibration tokens), the first then weighing 1. "
+             "Models: the full model and importance per language. Speed: each timed direction (every 4th) is "
+             "translated with and without skipping at the same time (one worker each), so both share the machine's "
+             "load; chrF++ without skipping is the sweep's run of the same model.", "",
+             "| model | chrF++ without | chrF++ with | sentences/s without | sentences/s with | speed ratio | "
+             "second experts skipped |", "|---|---|---|---|---|---|---|"]
+    for entry in entries:
+        on, off = entry["on"], entry["off"]
+        model = "full model" if entry["level"] == 0 else f"importance per language, {entry['pruned_fraction']:.1%} pruned"
+        lines.append(f"| {model} | {off['chrf++']:.2f} | {on['chrf++']:.2f} | {off['sentences_per_second']:.2f} | "
+                     f"{on['sentences_per_second']:.2f} | {on['sentences_per_second'] / off['sentences_per_second']:.3f} | "
+                     f"{on['skipped_share']:.1%} |")
+    return lines + [""]

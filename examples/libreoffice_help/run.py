@@ -4,9 +4,11 @@
 Steps (each is skipped when its output exists, so a rerun continues where it stopped):
   1. data      prepare_data.py: Debian packages -> aligned, split, SentencePiece, fairseq binaries
   2. train     fairseq-train: the plugin's MoE transformer, load-balancing loss, fixed number of updates
-  3. record    fairseq-generate on dev with --moe-stats-out, every direction; stats merged into one file
+  3. record    fairseq-generate on dev with --moe-stats-out, every direction; stats merged into one file;
+               calibration samples (--moe-calibration-out) of the same tokens
   4. sweep     prune at 25..90% with importance/activity per language, importance global and random,
-               translate test with every pruned checkpoint (fairseq-generate's steps, in process)
+               reconstruction loss per language; translate test with every pruned checkpoint
+               (fairseq-generate's steps, in process); dynamic skipping on/off at 0, 50 and 80%
   5. report    sacrebleu chrF++ / BLEU per direction -> report.md and PNG plots
 
 Example: python examples/libreoffice_help/run.py --preset default --work work/libreoffice_help
@@ -248,7 +250,7 @@ def record(work: Path, data: Path, checkpoint: Path, langs: str, beam: int, work
             run(["fairseq-generate", *task_args(data, langs, "translation_multi_simple_epoch_moe"),
                  "--path", str(checkpoint), "--source-lang", src, "--target-lang", tgt,
                  *generation_args("valid", beam), *extra_args,
-                 "--moe-stats-out", str(out)],
+                 "--moe-stats-out", str(out), *calibration_args(work)],
                 work / "logs" / f"record-{direction}.log", env={"OMP_NUM_THREADS": "1"})
         log(f"  recorded {direction}")
         return out
@@ -257,6 +259,15 @@ def record(work: Path, data: Path, checkpoint: Path, langs: str, beam: int, work
         files = list(pool.map(one, directions(langs)))
     run(["fairseq-moe-prune", "stats", "merge", str(merged), *map(str, files)], work / "logs" / "merge.log")
     return merged
+
+
+CALIBRATION_TOKENS = 256  # per MoE layer and direction: enough for 16 experts, cheap to search
+
+
+def calibration_args(work: Path) -> List[str]:
+    """Reconstruction-loss pruning and skipping betas need samples of the MoE layers' inputs and outputs:
+    taken in the same fairseq-generate runs as the statistics, over the same tokens."""
+    return ["--moe-calibration-out", str(work / "calibration"), "--moe-calibration-tokens", str(CALIBRATION_TOKENS)]
 
 
 def references(data: Path, direction: str) -> List[str]:
@@ -384,7 +395,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     generate_args = [*task_args(data, langs),
                      *generation_args("test", beam, int(setting(preset, "gen_max_tokens"))), *device]  # type: ignore[call-overload]
     sweep = Sweep(work / "sweep", checkpoint, statistics, generate_args,
-                  directions(langs), lambda d: references(data, d), args.ratio, log, workers=workers)
+                  directions(langs), lambda d: references(data, d), args.ratio, log, workers=workers,
+                  calibration=work / "calibration")
     levels = levels or LEVELS
     results = sweep.run(levels=levels)
     task_results = None
@@ -412,6 +424,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{', '.join(f'{level:.0%}' for level in levels)}; methods {', '.join(m.name for m in METHODS)}.",
         f"- Translation: {decoding}, the same settings for every model; chrF++ and BLEU by sacrebleu "
         "(BLEU tokenizer zh for Chinese, char for Japanese, 13a otherwise).",
+        f"- Reconstruction loss and skipping betas: {CALIBRATION_TOKENS} calibration tokens per MoE layer and "
+        "direction, sampled on dev in the statistics runs.",
         f"- Preset `{args.preset}`; time per step (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
     ]
     if task_results is not None:

@@ -20,7 +20,7 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -43,11 +43,13 @@ class Method:
 
 METHODS = (
     Method("importance per language", "importance", "language"),
+    Method("reconstruction per language", "reconstruction", "language"),  # needs calibration samples
     Method("activity per language", "activity", "language"),
     Method("importance global", "importance", "global"),
     Method("random", "random", "global"),
 )
 LEVELS = (0.25, 0.5, 0.75, 0.8, 0.9)
+SKIP_LEVELS = (0.0, 0.5, 0.8)  # dynamic skipping on / off: the full model and importance per language
 
 
 def bleu_tokenizer(language: str) -> str:
@@ -105,8 +107,9 @@ class Sweep:
 
     def __init__(self, work: Path, checkpoint: Path, statistics: Path, generate_args: Sequence[str],
                  directions: Sequence[str], references: Callable[[str], List[str]], ratio: str,
-                 log: Callable[[str], None], workers: int = 2):
+                 log: Callable[[str], None], workers: int = 2, calibration: Optional[Path] = None):
         self.work, self.checkpoint, self.statistics = work, checkpoint, statistics
+        self.calibration = calibration if calibration is not None and calibration.exists() else None
         self.directions, self.ratio, self.log = list(directions), ratio, log
         self.references = {direction: references(direction) for direction in self.directions}
         self.moe_layers = len(next(iter(stats_lib.load(str(statistics)).pairs.values())).layers)
@@ -148,17 +151,22 @@ class Sweep:
         name = run_name(method, level)
         if name in self.results:
             return
+        calibration = str(self.calibration) if method.metric == "reconstruction" and self.calibration else None
+        if method.metric == "reconstruction" and calibration is None:
+            return  # a work folder from before calibration samples were taken
         start = time.monotonic()
         out = self.work / name
         options = PruneOptions(metric=method.metric, granularity=method.granularity, prune_fraction=level,
                                ratio=self.ratio, directions=self.directions if method.granularity != "global" else None)
         try:
-            manifest = prune(str(self.checkpoint), str(out), options, stats_path=str(self.statistics), force=True)
+            manifest = prune(str(self.checkpoint), str(out), options, stats_path=str(self.statistics), force=True,
+                             calibration_path=calibration)
         except SelectionError:
             # the level leaves fewer than the 2 experts top-2 routing needs in some layer: keep 2 in every
             # layer instead, the smallest model there is (the report shows the share actually pruned)
             options = replace(options, prune_fraction=None, keep=options.min_per_layer * self.moe_layers)
-            manifest = prune(str(self.checkpoint), str(out), options, stats_path=str(self.statistics), force=True)
+            manifest = prune(str(self.checkpoint), str(out), options, stats_path=str(self.statistics), force=True,
+                             calibration_path=calibration)
         outputs = manifest["outputs"]
         scores = self.evaluate({d: out / outputs[d if d in outputs else "global"]["files"][0]
                                 for d in self.directions})
@@ -178,9 +186,101 @@ class Sweep:
             for level in levels:
                 for method in methods:
                     self.run_pruned(method, level)
+            if self.calibration is not None:
+                self.run_skipping()
         finally:
             self.pool.shutdown(cancel_futures=True)
         return self.results
+
+
+    # --- dynamic skipping on / off (Lu et al. 2024): the same models translated side by side --------------
+
+    def run_skipping(self, levels: Sequence[float] = SKIP_LEVELS) -> None:
+        """For the full model and importance per language at ``levels``: the model with skipping betas
+        (median w2/w1 of the calibration tokens, per layer and language) and without, each direction
+        translated by both at once (one per worker), so speeds are measured under the same load."""
+        path = self.work / "skipping.json"
+        results = json.loads(path.read_text()) if path.exists() else {}
+        for level in levels:
+            name = f"skip-{round(level * 100)}"
+            if name in results:
+                continue
+            start = time.monotonic()
+            checkpoints = {}
+            for skipping in (True, False):
+                out = self.work / f"{name}-{'on' if skipping else 'off'}"
+                options = PruneOptions(metric="importance", granularity="language", prune_fraction=level,
+                                       ratio=self.ratio, directions=self.directions,
+                                       skip_beta="median" if skipping else None)
+                try:
+                    manifest = prune(str(self.checkpoint), str(out), options, stats_path=str(self.statistics),
+                                     calibration_path=str(self.calibration), force=True)
+                except SelectionError:  # as in run_pruned: 2 experts in every layer
+                    options = replace(options, prune_fraction=None, keep=options.min_per_layer * self.moe_layers)
+                    manifest = prune(str(self.checkpoint), str(out), options, stats_path=str(self.statistics),
+                                     calibration_path=str(self.calibration), force=True)
+                checkpoints[skipping] = {d: out / manifest["outputs"][d]["files"][0] for d in self.directions}
+            # without skipping the model is the sweep's own run (same selection, same greedy output): its chrF++
+            # is known, so only every 4th direction is translated again, beside the same direction with skipping
+            known = self.results.get("full" if level == 0 else run_name(METHODS[0], level))
+            timed = self.directions[::4] if known is not None else self.directions
+            jobs = {}
+            for d in self.directions:
+                jobs[(d, True)] = self.pool.submit(translate_counting_skips, str(checkpoints[True][d]), d)
+                if d in timed:
+                    jobs[(d, False)] = self.pool.submit(translate_counting_skips, str(checkpoints[False][d]), d)
+            entry = {"level": level, "pruned_fraction": manifest["outputs"][self.directions[0]]["pruned_fraction"],
+                     "timed_directions": timed}
+            for skipping in (True, False):
+                done = {d: jobs[(d, skipping)].result() for d in self.directions if (d, skipping) in jobs}
+                chrf = {d: score(t.hypotheses, self.references[d], d.split("-")[1])["chrf++"]
+                        for d, (t, _, _) in done.items()}
+                if not skipping and known is not None:
+                    chrf = {d: known["directions"][d]["chrf++"] for d in self.directions}
+                entry["on" if skipping else "off"] = {
+                    "chrf++": round(float(np.mean(list(chrf.values()))), 2),
+                    "directions": chrf,
+                    "sentences_per_second": round(sum(done[d][0].sentences for d in timed)
+                                                  / sum(done[d][0].seconds for d in timed), 2),
+                    "skipped_share": round(sum(s for _, s, _ in done.values())
+                                           / max(1, sum(n for _, _, n in done.values())), 4),
+                }
+            results[name] = entry
+            with atomic_open(str(path), "w") as f:
+                f.write(json.dumps(results, indent=1, sort_keys=True) + "\n")
+            for skipping in (True, False):
+                for file in checkpoints[skipping].values():
+                    if file.exists():
+                        os.unlink(file)
+            self.log(f"skipping at {level:.0%}: chrF++ {entry['on']['chrf++']:.2f} vs {entry['off']['chrf++']:.2f}, "
+                     f"{entry['on']['sentences_per_second']:.2f} vs {entry['off']['sentences_per_second']:.2f} "
+                     f"sentences/s, {entry['on']['skipped_share']:.1%} of second experts skipped "
+                     f"({time.monotonic() - start:.0f} s)")
+
+
+def translate_counting_skips(checkpoint: str, direction: str) -> Tuple[Translation, int, int]:
+    """(translation, second experts skipped, second experts chosen) over every MoE layer's real tokens
+    during generation: the MoE layers' observer counts what the gates decided."""
+    assert _translator is not None, "start_worker runs first in every worker"
+    source, target = direction.split("-")
+    model = _translator.load(checkpoint, source, target)
+    counts = [0, 0]
+
+    def count(layer, routing, padding, dispatch, inputs, outputs) -> None:
+        real = torch.ones_like(routing.experts[:, 0], dtype=torch.bool) if padding is None else ~padding
+        counts[1] += int(real.sum())
+        if routing.skipped is not None:
+            counts[0] += int((routing.skipped & real).sum())
+
+    layers = model.moe_layers()
+    for layer in layers:
+        layer.observer = count
+    try:
+        translation = _translator.translate(checkpoint, source, target)
+    finally:
+        for layer in layers:
+            layer.observer = None
+    return translation, counts[0], counts[1]
 
 
 def mean(run: dict, key: str) -> float:

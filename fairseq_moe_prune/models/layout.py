@@ -75,6 +75,23 @@ def moe_layer_indices(cfg: Any, side: str) -> List[int]:
     return [i for i in range(num_layers) if (i + 1) % freq == 0]
 
 
+def skip_betas(cfg: Any) -> List[float]:
+    """Dynamic skipping's beta of each MoE layer (layout order), from ``moe_skip_betas``; 0.0 = off."""
+    specs = moe_layers(cfg)
+    text = config_value(cfg, "moe_skip_betas")
+    if text is None or str(text).strip() == "":
+        return [0.0] * len(specs)
+    try:
+        betas = [float(part) for part in str(text).split(",")]
+    except ValueError:
+        raise MoEConfigError(f"moe_skip_betas must be comma-separated numbers, got {text!r}") from None
+    if len(betas) != len(specs):
+        raise MoEConfigError(f"moe_skip_betas lists {len(betas)} betas but the model has {len(specs)} MoE layers")
+    if any(not 0.0 <= beta <= 1.0 for beta in betas):
+        raise MoEConfigError(f"moe_skip_betas must be in [0, 1], got {text!r}")
+    return betas
+
+
 def moe_layers(cfg: Any) -> List[MoELayerSpec]:
     """The MoE layers of a model config (argparse Namespace, omegaconf or dict), encoder first."""
     specs: List[MoELayerSpec] = []

@@ -28,7 +28,7 @@ from fairseq.models.transformer import (
 from fairseq.models.transformer.transformer_legacy import base_architecture
 
 from fairseq_moe_prune.models import task_routing
-from fairseq_moe_prune.models.layout import MoEConfigError, config_value, moe_layers
+from fairseq_moe_prune.models.layout import MoEConfigError, config_value, moe_layers, skip_betas
 from fairseq_moe_prune.models.task_routing import TaskLookup, TaskSpace
 from fairseq_moe_prune.models.transformer_layers import MoEDecoderLayer, MoEEncoderLayer
 from fairseq_moe_prune.moe.layer import MoELayer
@@ -67,6 +67,11 @@ class MoEConfig(FairseqDataclass):
     use_moe_pad_mask: bool = field(default=False, metadata={"help": "padding takes no expert slot"})
     moe_eom: float = field(default=0.0, metadata={"help": "expert output masking rate"})
     moe_top1_expert: bool = field(default=False, metadata={"help": "top-1 instead of top-2 gating"})
+    moe_skip_betas: Optional[str] = field(
+        default=None,
+        metadata={"help": "dynamic skipping: comma-separated beta per MoE layer (encoder first); a token's second "
+                          "expert is skipped when its gate value is below beta times the first's (empty: off)"},
+    )
     encoder_ffn_dims: Optional[str] = field(
         default=None,
         metadata={"help": "comma-separated FFN width of each encoder layer (dense layers; default: "
@@ -139,9 +144,9 @@ class MoETransformerEncoder(TransformerEncoderBase):
         for i, width in enumerate(ffn_dims(cfg, "encoder")):
             if width != cfg.encoder.ffn_embed_dim:
                 self.layers[i] = self.build_encoder_layer(with_ffn_dim(cfg, "encoder", width))
-        for spec in moe_layers(cfg):
+        for spec, beta in zip(moe_layers(cfg), skip_betas(cfg)):
             if spec.side == "encoder":
-                self.layers[spec.layer] = MoEEncoderLayer(cfg, spec.num_experts)
+                self.layers[spec.layer] = MoEEncoderLayer(cfg, spec.num_experts, beta)
         self.moe_task_embed = task_embedding(cfg, "encoder", cfg.encoder.embed_dim)
         # the source language is needed by a task-routed encoder, and by a decoder that routes by pair
         needs_source = self.moe_task_embed is not None or (
@@ -198,9 +203,9 @@ class MoETransformerDecoder(TransformerDecoderBase):
         for i, width in enumerate(ffn_dims(cfg, "decoder")):
             if width != cfg.decoder.ffn_embed_dim:
                 self.layers[i] = self.build_decoder_layer(with_ffn_dim(cfg, "decoder", width), no_encoder_attn)
-        for spec in moe_layers(cfg):
+        for spec, beta in zip(moe_layers(cfg), skip_betas(cfg)):
             if spec.side == "decoder":
-                self.layers[spec.layer] = MoEDecoderLayer(cfg, spec.num_experts, no_encoder_attn)
+                self.layers[spec.layer] = MoEDecoderLayer(cfg, spec.num_experts, no_encoder_attn, beta)
         self.moe_task_embed = task_embedding(cfg, "decoder", cfg.decoder.embed_dim)
         self.task_lookup = TaskLookup(TaskSpace.from_config(cfg), dictionary) if self.moe_task_embed is not None else None
 
@@ -279,7 +284,8 @@ class MoETransformerModel(TransformerModel):
     @classmethod
     def build_model(cls, args, task):
         moe_base_architecture(args)
-        check_placement(args, moe_layers(args))  # fail early, with a clear message, on inconsistent MoE fields
+        check_placement(args, moe_layers(args))
+        skip_betas(args)  # fail early, with a clear message, on inconsistent MoE fields (and skipping betas)
         task_routing.configure(args, task)
         return super().build_model(args, task)
 

@@ -6,6 +6,7 @@ parameters keep their keys; the FFN's ``fc1``/``fc2`` give way to ``moe_layer``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -40,9 +41,9 @@ def gate_options(cfg: Any) -> GateOptions:
     )
 
 
-def build_moe_layer(cfg: Any, embed_dim: int, ffn_dim: int, num_experts: int) -> MoELayer:
-    """An MoE block configured from the model config's NLLB fields."""
-    options = gate_options(cfg)
+def build_moe_layer(cfg: Any, embed_dim: int, ffn_dim: int, num_experts: int, skip_beta: float = 0.0) -> MoELayer:
+    """An MoE block configured from the model config's NLLB fields (and its layer's skipping beta)."""
+    options = dataclasses.replace(gate_options(cfg), skip_beta=float(skip_beta))
     activation_dropout = cfg.activation_dropout or utils.safe_getattr(cfg, "relu_dropout", 0) or 0
     return MoELayer(
         embed_dim,
@@ -55,12 +56,13 @@ def build_moe_layer(cfg: Any, embed_dim: int, ffn_dim: int, num_experts: int) ->
     )
 
 
-def build_placed_moe_layer(cfg: Any, embed_dim: int, ffn_dim: int, num_experts: int) -> MoELayer:
+def build_placed_moe_layer(cfg: Any, embed_dim: int, ffn_dim: int, num_experts: int,
+                           skip_beta: float = 0.0) -> MoELayer:
     """An MoE block whose experts live where the config says (:mod:`fairseq_moe_prune.moe.placement`);
     offloaded or placed experts are built without memory and get their weights from the checkpoint."""
     placement = placement_options(cfg)
     with building_context(placement):
-        layer = build_moe_layer(cfg, embed_dim, ffn_dim, num_experts)
+        layer = build_moe_layer(cfg, embed_dim, ffn_dim, num_experts, skip_beta)
     place_layer(layer, placement)
     return layer
 
@@ -91,9 +93,9 @@ def moe_feed_forward(layer: Any, x: Tensor, padding_mask: Optional[Tensor], task
 
 
 class MoEEncoderLayer(TransformerEncoderLayerBase):
-    def __init__(self, cfg: Any, num_experts: int):
+    def __init__(self, cfg: Any, num_experts: int, skip_beta: float = 0.0):
         super().__init__(cfg)
-        self.moe_layer = build_placed_moe_layer(cfg, self.embed_dim, cfg.encoder.ffn_embed_dim, num_experts)
+        self.moe_layer = build_placed_moe_layer(cfg, self.embed_dim, cfg.encoder.ffn_embed_dim, num_experts, skip_beta)
 
     def build_fc1(self, *args: Any) -> None:
         return None  # no dense FFN in an MoE layer
@@ -121,12 +123,12 @@ class MoEEncoderLayer(TransformerEncoderLayerBase):
 
 
 class MoEDecoderLayer(TransformerDecoderLayerBase):
-    def __init__(self, cfg: Any, num_experts: int, no_encoder_attn: bool = False):
+    def __init__(self, cfg: Any, num_experts: int, no_encoder_attn: bool = False, skip_beta: float = 0.0):
         for flag in ("cross_self_attention", "scale_attn", "scale_heads", "scale_fc", "scale_resids"):
             if utils.safe_getattr(cfg, flag, False):
                 raise MoEConfigError(f"--{flag.replace('_', '-')} is not supported in MoE layers")
         super().__init__(cfg, no_encoder_attn)
-        self.moe_layer = build_placed_moe_layer(cfg, self.embed_dim, cfg.decoder.ffn_embed_dim, num_experts)
+        self.moe_layer = build_placed_moe_layer(cfg, self.embed_dim, cfg.decoder.ffn_embed_dim, num_experts, skip_beta)
 
     def build_fc1(self, *args: Any) -> None:
         return None

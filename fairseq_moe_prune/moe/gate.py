@@ -33,6 +33,7 @@ class Routing:
     experts: Tensor  # (S, k), int64
     weights: Tensor  # (S, k), in the input dtype
     l_aux: Tensor  # scalar load-balancing loss
+    skipped: Optional[Tensor] = None  # (S,) bool: second expert skipped by dynamic skipping (None: rule off)
 
 
 def expert_capacity(
@@ -99,10 +100,12 @@ def top2gating(
     training: bool = False,
     eval_capacity_token_fraction: float = 0.25,
     batch_prioritized_routing: bool = False,
+    skip_beta: float = 0.0,
 ) -> Routing:
     """Route each of the S tokens of ``logits`` (S, E) to two experts.
 
     ``padding_mask`` (S,) marks tokens that take no expert slot (NLLB's ``use_moe_pad_mask``).
+    ``skip_beta`` > 0 switches on dynamic skipping (:func:`second_expert_skipped`).
     """
     if second_expert_policy not in SECOND_EXPERT_POLICIES:
         raise ValueError(f"unknown second expert policy {second_expert_policy!r}")
@@ -129,6 +132,11 @@ def top2gating(
     if second_expert_policy == "random":
         # keep the second expert with probability 2 * its gate value
         sampled2 = 2 * gate2 > torch.rand_like(gate2)
+    skipped = None
+    if skip_beta > 0:
+        skipped = second_expert_skipped(gate1, gate2, skip_beta)
+        # a skipped second expert takes no slot and is never computed
+        sampled2 = ~skipped if sampled2 is None else sampled2 & ~skipped
 
     capacity = expert_capacity(num_tokens, num_experts, 2, training, eval_capacity_token_fraction)
     if capacity >= num_tokens:
@@ -161,13 +169,28 @@ def top2gating(
     if not normalize_gate_prob_before_dropping:
         denom = torch.clamp(weight1 + weight2, min=torch.finfo(weight1.dtype).eps)
         weight1, weight2 = weight1 / denom, weight2 / denom
+    if skipped is not None:
+        # the first expert alone, with weight exactly 1 (0 where capacity dropped it)
+        first_alone = torch.ones_like(weight1) if kept1 is None else kept1.to(weight1.dtype)
+        weight1 = torch.where(skipped, first_alone, weight1)
+        weight2 = torch.where(skipped, torch.zeros_like(weight2), weight2)
 
     return Routing(
         probs=probs,
         experts=torch.stack([top1, top2], dim=1),
         weights=torch.stack([weight1, weight2], dim=1).to(out_dtype),
         l_aux=l_aux,
+        skipped=skipped,
     )
+
+
+def second_expert_skipped(gate1: Tensor, gate2: Tensor, beta: float) -> Tensor:
+    """Dynamic skipping (Lu et al. 2024): drop the second expert where w2 < beta * w1.
+
+    ``gate1``/``gate2`` are the two chosen experts' probabilities from the full softmax, before the
+    top-2 renormalisation; beta = 0 never skips.
+    """
+    return gate2 < beta * gate1
 
 
 def top1gating(

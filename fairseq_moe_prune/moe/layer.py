@@ -27,6 +27,7 @@ class GateOptions:
     eval_capacity_token_fraction: float = 0.25
     batch_prioritized_routing: bool = False
     use_pad_mask: bool = False
+    skip_beta: float = 0.0  # dynamic skipping of the second expert (moe_skip_betas); 0: off
 
 
 class Gate(nn.Module):
@@ -57,6 +58,7 @@ class Gate(nn.Module):
             training=self.training,
             eval_capacity_token_fraction=opts.eval_capacity_token_fraction,
             batch_prioritized_routing=opts.batch_prioritized_routing,
+            skip_beta=opts.skip_beta,
         )
 
     def route_tasks(self, task_states: Tensor, tokens_per_sentence: int, padding_mask: Optional[Tensor]) -> Routing:
@@ -101,8 +103,9 @@ class Dispatch:
     output_norms: Optional[Tensor] = None  # (N,) L2 norm of the expert's output, when asked for
 
 
-# Called after every forward with (layer, routing, padding_mask, dispatch); used to record decisions.
-RoutingObserver = Callable[["MoELayer", Routing, Optional[Tensor], Dispatch], None]
+# Called after every forward with (layer, routing, padding_mask, dispatch, layer input, layer output),
+# inputs and outputs as flat (tokens, dim); used to record decisions and calibration samples.
+RoutingObserver = Callable[["MoELayer", Routing, Optional[Tensor], Dispatch, Tensor, Tensor], None]
 
 
 class MoELayer(nn.Module):
@@ -151,7 +154,7 @@ class MoELayer(nn.Module):
         self.l_aux = routing.l_aux
         combined, dispatch = self.dispatch_and_combine(tokens, routing, with_norms=self.observer is not None)
         if self.observer is not None:
-            self.observer(self, routing, flat_padding, dispatch)
+            self.observer(self, routing, flat_padding, dispatch, tokens, combined)
         return combined.reshape(batch, time, dim)
 
     def dispatch_and_combine(self, tokens: Tensor, routing: Routing, with_norms: bool = False) -> Tuple[Tensor, Dispatch]:

@@ -1,5 +1,7 @@
 """The generation hook shared by our translation tasks: ``--moe-stats-out`` records gate decisions.
 
+``--moe-calibration-out`` samples the same tokens' MoE inputs and outputs (see ``calibration.py``).
+
 During ``inference_step`` the encoder's MoE layers are recorded as the generator runs them (real
 source tokens only). The decoder is recorded afterwards in one teacher-forced pass over each
 sentence's final hypothesis, so pruned, finished-early and padded beams never count; with
@@ -23,7 +25,7 @@ from fairseq.data import data_utils
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from torch import Tensor
 
-from fairseq_moe_prune import stats
+from fairseq_moe_prune import calibration, stats
 from fairseq_moe_prune.recording import Recorder
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,14 @@ class GateRecordingConfig(FairseqDataclass):
     )
     moe_stats_flush_seconds: float = field(
         default=60.0, metadata={"help": "rewrite the statistics file at most this often during a run"}
+    )
+    moe_calibration_out: Optional[str] = field(
+        default=None,
+        metadata={"help": "keep a sample of the MoE layers' inputs, gate softmax and outputs in this folder "
+                          "(for --metric reconstruction and --skip-beta)"},
+    )
+    moe_calibration_tokens: int = field(
+        default=2048, metadata={"help": "tokens sampled per MoE layer and language pair"}
     )
 
 
@@ -127,7 +137,8 @@ class GateRecordingMixin:
     def build_generator(self, models, args, **kwargs):
         generator = super().build_generator(models, args, **kwargs)
         path = self._recording_option("moe_stats_out")
-        if path:
+        calibration_out = self._recording_option("moe_calibration_out")
+        if path or calibration_out:
             if len(models) != 1:
                 raise SystemExit("error: --moe-stats-out records one model; pass a single --path")
             model = models[0]
@@ -140,15 +151,21 @@ class GateRecordingMixin:
                 self.recorder = Recorder(model, settings)
             except ValueError as error:  # no MoE layers, inconsistent MoE fields
                 raise SystemExit(f"error: --moe-stats-out: {error}") from None
-            self.stats_writer = StatsWriter(self.recorder, path, float(self._recording_option("moe_stats_flush_seconds")),
-                                            self.recording_subset, self.recording_subset_sentences)
-            logger.info(f"recording MoE gate decisions of {len(self.recorder.specs)} layers into {path}")
+            if path:
+                self.stats_writer = StatsWriter(self.recorder, path, float(self._recording_option("moe_stats_flush_seconds")),
+                                                self.recording_subset, self.recording_subset_sentences)
+                logger.info(f"recording MoE gate decisions of {len(self.recorder.specs)} layers into {path}")
+            if calibration_out:  # calibration samples of the same tokens (fairseq_moe_prune.calibration)
+                seed = self._recording_option("seed")  # --seed: in the legacy tasks' args, else torch was seeded with it
+                calibration.attach(self.recorder, calibration_out, int(self._recording_option("moe_calibration_tokens")),
+                                   int(torch.initial_seed() if seed is None else seed), self.recording_pair())
+                logger.info(f"sampling MoE layer inputs and outputs into {calibration_out}")
         return generator
 
     def get_batch_iterator(self, dataset, *args, **kwargs):
         """When recording, every sentence counts: fairseq's batching drops a last partial batch when
         ``--required-batch-size-multiple`` is above 1, so it is 1 whatever the flags say."""
-        if not self._recording_option("moe_stats_out"):
+        if not (self._recording_option("moe_stats_out") or self._recording_option("moe_calibration_out")):
             return super().get_batch_iterator(dataset, *args, **kwargs)
         call = inspect.signature(super().get_batch_iterator).bind(dataset, *args, **kwargs)
         call.arguments["required_batch_size_multiple"] = 1
@@ -181,7 +198,8 @@ class GateRecordingMixin:
             self.recorder.discard()
             raise
         self.recorder.commit(self.recording_pair(), int(sample["id"].numel()))
-        self.stats_writer.maybe_write()
+        if self.stats_writer is not None:
+            self.stats_writer.maybe_write()
         return hypos
 
     def decoder_inputs(self, sample, hypos) -> Tensor:

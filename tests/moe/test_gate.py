@@ -154,3 +154,44 @@ def test_task_gating_samples_the_second_expert_only_in_training():
     top1 = task_gating(logits, top1=True)
     assert top1.experts.tolist() == [[0]] * 200
     torch.testing.assert_close(top1.weights[:, 0], torch.softmax(logits, 1)[:, 0])
+
+
+# --- dynamic skipping (Lu et al. 2024): skip the second expert where w2 < beta * w1
+
+
+def test_skipping_follows_the_rule_before_renormalisation_and_gives_the_first_expert_weight_one():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0],   # w2 / w1 = e^-1 = 0.37: skipped at beta 0.5
+                           [1.0, 0.5, 0.0, -1.0],   # w2 / w1 = e^-0.5 = 0.61: kept
+                           [0.0, 0.0, 3.0, 2.9]])   # w2 / w1 = e^-0.1 = 0.90: kept
+    routing = top2gating(logits, second_expert_policy="all", eval_capacity_token_fraction=1.0, skip_beta=0.5)
+    assert routing.skipped.tolist() == [True, False, False]
+    assert routing.weights[0].tolist() == [1.0, 0.0]
+    plain = top2gating(logits, second_expert_policy="all", eval_capacity_token_fraction=1.0)
+    assert plain.skipped is None
+    assert torch.equal(routing.weights[1:], plain.weights[1:]) and torch.equal(routing.experts, plain.experts)
+
+
+@pytest.mark.parametrize("beta", [0.2, 0.5, 0.9])
+def test_skipping_equals_a_brute_force_recomputation_token_by_token(beta):
+    torch.manual_seed(1)
+    logits = torch.randn(300, 8) * 2
+    routing = top2gating(logits, second_expert_policy="all", eval_capacity_token_fraction=1.0, use_fp32=True,
+                         skip_beta=beta)
+    probs = torch.softmax(logits.float(), dim=1)
+    for s in range(300):
+        order = sorted(range(8), key=lambda e: (-float(probs[s, e]), e))
+        w1, w2 = float(probs[s, order[0]]), float(probs[s, order[1]])
+        assert routing.experts[s].tolist() == order[:2]
+        if w2 < beta * w1:
+            assert routing.skipped[s] and routing.weights[s].tolist() == [1.0, 0.0]
+        else:
+            assert not routing.skipped[s]
+            torch.testing.assert_close(routing.weights[s], torch.tensor([w1, w2]) / (w1 + w2))
+    assert 0 < int(routing.skipped.sum()) < 300
+
+
+def test_skipped_experts_take_no_capacity_slot():
+    # 4 tokens prefer expert 0, then 1 far behind; expert 1's slots are left to token 4's first choice
+    logits = torch.tensor([[4.0, 0.0, -9.0]] * 4 + [[0.0, 4.0, -9.0]])
+    routing = top2gating(logits, second_expert_policy="all", training=True, skip_beta=0.5)
+    assert routing.skipped.tolist() == [True] * 5 and routing.weights[:, 0].eq(1).all()

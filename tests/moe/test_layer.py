@@ -75,7 +75,7 @@ def test_eom_masks_whole_expert_outputs_in_training_without_rescaling():
 def test_padding_mask_reaches_the_gate_only_with_use_pad_mask():
     seen = []
     layer = make_layer(options=GateOptions(second_expert_policy="all", use_pad_mask=True)).eval()
-    layer.observer = lambda _layer, routing, padding, dispatch: seen.append(routing)
+    layer.observer = lambda _layer, routing, padding, dispatch, inputs, outputs: seen.append(routing)
     x = torch.randn(2, 3, 8)
     padding = torch.tensor([[False, False, True], [False, True, True]])
     out = layer(x, padding)
@@ -90,3 +90,28 @@ def test_l_aux_is_left_for_the_criterion_and_gradients_reach_the_gate():
     out = layer(x)
     (out.sum() + layer.l_aux).backward()
     assert layer.gate.wg.weight.grad is not None and layer.gate.wg.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.7])
+def test_skipping_layer_equals_first_expert_alone_where_the_rule_fires_and_never_runs_skipped_experts(beta):
+    layer = make_layer(num_experts=6, options=GateOptions(second_expert_policy="all", eval_capacity_token_fraction=1.0,
+                                                          use_fp32=True, skip_beta=beta), eom=0.2).eval()
+    plain = make_layer(num_experts=6, eom=0.2).eval()  # the same weights (same seed), no skipping
+    x = torch.randn(4, 9, 8)
+    tokens = x.reshape(-1, 8)
+    calls = []
+    for expert in layer.experts:
+        expert.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    out = layer(x).reshape(-1, 8)
+    ran = sum(calls)  # token rows the experts processed
+    probs = torch.softmax(layer.gate.wg(tokens).float(), dim=1)
+    top = probs.topk(2, dim=1)
+    fires = top.values[:, 1] < beta * top.values[:, 0]
+    with torch.no_grad():
+        expected = plain(x).reshape(-1, 8)
+        for s in torch.nonzero(fires).squeeze(1).tolist():
+            expected[s] = layer.experts[int(top.indices[s, 0])](tokens[s]) * 0.8
+    if beta == 0.0:
+        assert torch.equal(out, plain(x).reshape(-1, 8))  # bit-identical to no skipping
+    torch.testing.assert_close(out, expected)
+    assert ran == 2 * tokens.shape[0] - int(fires.sum())  # skipped experts never ran

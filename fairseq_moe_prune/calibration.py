@@ -1,0 +1,351 @@
+"""Calibration samples: per MoE layer and language pair, a bounded uniform sample of real tokens.
+
+For each sampled token we keep what the reconstruction-loss search needs (Lu et al. 2024): the MoE
+block's input X, its gate's full softmax P and its output Z. The recording hook hands the sampler
+exactly the tokens the statistics count (real encoder tokens; decoder tokens of the final
+hypotheses), so samples and counts describe the same run.
+
+Sampling is a keyed reservoir (bottom-N keys): every token gets a uniform random key from a
+``torch.Generator`` seeded by ``--seed``, the pair and the layer, and the N tokens with the smallest
+keys are kept. That is a uniform sample of the run whatever its length, it is deterministic, and
+two samples merge exactly: the bottom N of the union of two bottom-N sets is the bottom N of the
+union of the runs (each run's tokens weigh by how many it saw, through the keys). Runs over shards
+of one pair should use different ``--seed`` values, so that their keys are independent. Memory and
+disk are bounded by N per layer and pair.
+
+The file is safetensors (``{pair}/{layer prefix}/{inputs,probs,outputs,keys}``), with the model
+fingerprint, the settings and the tokens seen per layer in its metadata, written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fairseq_moe_prune.files import atomic_open
+from fairseq_moe_prune.models.layout import MoELayerSpec
+from fairseq_moe_prune.stats import Fingerprint, StatsError, split_pair
+
+FORMAT = "fairseq-moe-prune/calibration"
+VERSION = 1
+FIELDS = ("inputs", "probs", "outputs", "keys")
+PAIR_NAME = re.compile(r"^[A-Za-z0-9_]+-[A-Za-z0-9_]+$")
+FILE_SUFFIX = ".safetensors"
+
+
+class CalibrationError(StatsError):
+    """A calibration file is unreadable or does not fit what it is used with."""
+
+
+@dataclass
+class LayerSample:
+    """A uniform sample of one layer's real tokens: ``seen`` tokens went by, ``len(keys)`` were kept."""
+
+    inputs: Tensor  # (n, d) float32, the MoE block's input
+    probs: Tensor  # (n, E) float32, the gate's softmax over all experts
+    outputs: Tensor  # (n, d) float32, the MoE block's output
+    keys: Tensor  # (n,) float64, ascending reservoir keys
+    seen: int  # real tokens the sample was drawn from
+
+    @classmethod
+    def empty(cls, dim: int, num_experts: int) -> "LayerSample":
+        return cls(torch.zeros(0, dim), torch.zeros(0, num_experts), torch.zeros(0, dim),
+                   torch.zeros(0, dtype=torch.float64), 0)
+
+    @property
+    def size(self) -> int:
+        return int(self.keys.shape[0])
+
+    def merged(self, other: "LayerSample", capacity: int) -> "LayerSample":
+        """The ``capacity`` smallest keys of both: a uniform sample of both runs together."""
+        keys = torch.cat([self.keys, other.keys])
+        order = torch.argsort(keys, stable=True)[:capacity]
+        return LayerSample(
+            torch.cat([self.inputs, other.inputs])[order],
+            torch.cat([self.probs, other.probs])[order],
+            torch.cat([self.outputs, other.outputs])[order],
+            keys[order],
+            self.seen + other.seen,
+        )
+
+
+@dataclass
+class Calibration:
+    fingerprint: Fingerprint
+    settings: Dict[str, Any]  # how the tokens were gathered (decoder tokens, beam, tokens per layer)
+    pairs: Dict[str, Dict[str, LayerSample]] = field(default_factory=dict)  # pair -> layer prefix -> sample
+
+    @property
+    def capacity(self) -> int:
+        return int(self.settings["tokens"])
+
+
+def key_generator(seed: int, pair: str, prefix: str) -> torch.Generator:
+    """Reservoir keys of one (pair, layer): its own stream, so layers and pairs never share keys."""
+    digest = hashlib.sha256(f"{seed}:{pair}:{prefix}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+class CalibrationSampler:
+    """Keeps a reservoir per (pair, layer); fed by the recorder's observer, committed per batch."""
+
+    def __init__(self, specs: List[MoELayerSpec], fingerprint: Fingerprint, settings: Dict[str, Any], seed: int):
+        self.specs = specs
+        self.fingerprint = fingerprint
+        self.settings = settings
+        self.capacity = int(settings["tokens"])
+        if self.capacity < 1:
+            raise CalibrationError(f"--moe-calibration-tokens must be at least 1, got {self.capacity}")
+        self.seed = int(seed)
+        # per layer index, this batch's real tokens: (inputs, probs, outputs) pieces
+        self.pending: Dict[int, List[Tuple[Tensor, Tensor, Tensor]]] = {}
+        self.reservoirs: Dict[str, Dict[int, LayerSample]] = {}
+        self.generators: Dict[Tuple[str, int], torch.Generator] = {}
+
+    def observe(self, index: int, inputs: Tensor, probs: Tensor, outputs: Tensor, padding: Optional[Tensor]) -> None:
+        """One forward of layer ``index``: keep its real tokens until the batch is committed."""
+        if padding is not None:
+            real = ~padding
+            inputs, probs, outputs = inputs[real], probs[real], outputs[real]
+        piece = (inputs.detach().float().cpu(), probs.detach().float().cpu(), outputs.detach().float().cpu())
+        self.pending.setdefault(index, []).append(piece)
+
+    def commit(self, pair: str) -> None:
+        """The batch is complete: its tokens take their keys and compete for ``pair``'s reservoirs."""
+        reservoirs = self.reservoirs.setdefault(pair, {})
+        for index in sorted(self.pending):
+            inputs, probs, outputs = (torch.cat(part) for part in zip(*self.pending[index]))
+            generator = self.generators.get((pair, index))
+            if generator is None:
+                generator = key_generator(self.seed, pair, self.specs[index].prefix)
+                self.generators[(pair, index)] = generator
+            keys = torch.rand(inputs.shape[0], generator=generator, dtype=torch.float64)
+            batch = LayerSample(inputs, probs, outputs, keys, int(inputs.shape[0]))
+            current = reservoirs.get(index)
+            if current is None:
+                current = LayerSample.empty(inputs.shape[1], probs.shape[1])
+            reservoirs[index] = current.merged(batch, self.capacity)
+        self.pending = {}
+
+    def discard(self) -> None:
+        self.pending = {}
+
+    def snapshot(self) -> Calibration:
+        calibration = Calibration(self.fingerprint, dict(self.settings), {})
+        for pair, reservoirs in self.reservoirs.items():
+            calibration.pairs[pair] = {self.specs[i].prefix: sample for i, sample in sorted(reservoirs.items())}
+        return calibration
+
+
+def file_name(pair: str) -> str:
+    if not PAIR_NAME.match(pair):
+        raise CalibrationError(f"language pair {pair!r} cannot name a calibration file")
+    return pair + FILE_SUFFIX
+
+
+DTYPES = {torch.float32: "F32", torch.float64: "F64"}
+
+
+def safetensors_bytes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> bytes:
+    """The safetensors encoding with its header in sorted order (the library's metadata order varies)."""
+    header: Dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset, blobs = 0, []
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        blob = tensor.view(torch.uint8).reshape(-1).numpy().tobytes() if tensor.numel() else b""
+        header[name] = {"dtype": DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
+
+
+def save(calibration: Calibration, path: str) -> None:
+    """Write one safetensors file atomically; the same samples give the same bytes."""
+    tensors: Dict[str, Tensor] = {}
+    seen: Dict[str, Dict[str, int]] = {}
+    for pair, layers in sorted(calibration.pairs.items()):
+        seen[pair] = {}
+        for prefix, sample in layers.items():
+            for name in FIELDS:
+                tensors[f"{pair}/{prefix}/{name}"] = getattr(sample, name)
+            seen[pair][prefix] = int(sample.seen)
+    metadata = {
+        "format": FORMAT,
+        "version": str(VERSION),
+        "model": json.dumps(calibration.fingerprint.to_json(), sort_keys=True),
+        "settings": json.dumps(calibration.settings, sort_keys=True),
+        "seen": json.dumps(seen, sort_keys=True),
+    }
+    data = safetensors_bytes(tensors, metadata)
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def load_file(path: str) -> Calibration:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != FORMAT:
+                raise CalibrationError(f"{path}: not a fairseq-moe-prune calibration file")
+            if metadata.get("version") != str(VERSION):
+                raise CalibrationError(f"{path}: calibration format version {metadata.get('version')} "
+                                       f"is not supported (need {VERSION})")
+            fingerprint = Fingerprint.from_json(json.loads(metadata["model"]))
+            settings = json.loads(metadata["settings"])
+            seen = json.loads(metadata["seen"])
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        return checked(path, fingerprint, settings, seen, tensors)
+    except FileNotFoundError:
+        raise CalibrationError(f"{path}: no such calibration file") from None
+    except (OSError, SafetensorError) as error:
+        raise CalibrationError(f"{path}: not a readable calibration file ({error})") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        if isinstance(error, CalibrationError):
+            raise
+        raise CalibrationError(f"{path}: malformed calibration file ({error})") from None
+
+
+def checked(path: str, fingerprint: Fingerprint, settings: Mapping[str, Any], seen: Mapping[str, Any],
+            tensors: Mapping[str, Tensor]) -> Calibration:
+    """Build the samples from a file's tensors, refusing anything the metadata does not account for."""
+    experts = dict(fingerprint.layers)
+    if not isinstance(settings, dict) or not isinstance(settings.get("tokens"), int) or settings["tokens"] < 1:
+        raise CalibrationError(f"{path}: malformed calibration settings")
+    calibration = Calibration(fingerprint, dict(settings), {})
+    expected = set()
+    for pair, layers in seen.items():
+        if not isinstance(pair, str) or not PAIR_NAME.match(pair) or not isinstance(layers, dict):
+            raise CalibrationError(f"{path}: malformed language pair {pair!r}")
+        calibration.pairs[pair] = {}
+        for prefix, count in layers.items():
+            if prefix not in experts or not isinstance(count, int) or count < 0:
+                raise CalibrationError(f"{path}: unknown MoE layer {prefix!r} or bad token count")
+            parts = {name: tensors.get(f"{pair}/{prefix}/{name}") for name in FIELDS}
+            if any(t is None for t in parts.values()):
+                raise CalibrationError(f"{path}: {pair} {prefix} lacks some of {', '.join(FIELDS)}")
+            expected.update(f"{pair}/{prefix}/{name}" for name in FIELDS)
+            sample = LayerSample(parts["inputs"].float(), parts["probs"].float(), parts["outputs"].float(),
+                                 parts["keys"].double(), count)
+            n = sample.size
+            if (sample.inputs.dim() != 2 or sample.inputs.shape[0] != n or sample.outputs.shape != sample.inputs.shape
+                    or tuple(sample.probs.shape) != (n, experts[prefix]) or n > settings["tokens"] or n > count):
+                raise CalibrationError(f"{path}: {pair} {prefix}: tensors of inconsistent shapes")
+            calibration.pairs[pair][prefix] = sample
+    if set(tensors) != expected:
+        raise CalibrationError(f"{path}: tensors the metadata does not list")
+    return calibration
+
+
+def merge(calibrations: Iterable[Calibration]) -> Calibration:
+    """Runs over the same model and settings, merged per (pair, layer) by their smallest keys."""
+    calibrations = list(calibrations)
+    if not calibrations:
+        raise CalibrationError("nothing to merge")
+    first = calibrations[0]
+    merged = Calibration(first.fingerprint, dict(first.settings), {})
+    for calibration in calibrations:
+        if calibration.fingerprint != first.fingerprint:
+            raise CalibrationError("calibration files come from different models (MoE layers or gate weights differ)")
+        if calibration.settings != first.settings:
+            differing = sorted(k for k in set(first.settings) | set(calibration.settings)
+                               if first.settings.get(k) != calibration.settings.get(k))
+            raise CalibrationError(f"calibration files were gathered with different settings: {', '.join(differing)}")
+        for pair, layers in calibration.pairs.items():
+            target = merged.pairs.setdefault(pair, {})
+            for prefix, sample in layers.items():
+                target[prefix] = target[prefix].merged(sample, merged.capacity) if prefix in target else sample
+    return merged
+
+
+def load(path: str) -> Calibration:
+    """A calibration file, or every ``*.safetensors`` file of a folder, merged."""
+    if os.path.isdir(path):
+        names = sorted(name for name in os.listdir(path) if name.endswith(FILE_SUFFIX) and not name.startswith("."))
+        if not names:
+            raise CalibrationError(f"{path}: no calibration files (*{FILE_SUFFIX}) in this folder")
+        return merge(load_file(os.path.join(path, name)) for name in names)
+    return load_file(path)
+
+
+@dataclass
+class Pool:
+    """The tokens one layer is judged on: samples of several pairs, each token weighing seen/kept."""
+
+    inputs: Tensor
+    probs: Tensor
+    outputs: Tensor
+    weights: Tensor  # (n,) float64: tokens of the runs each sampled token stands for
+
+    @property
+    def size(self) -> int:
+        return int(self.weights.shape[0])
+
+
+def pool(samples: List[LayerSample]) -> Pool:
+    samples = [s for s in samples if s.size > 0]
+    if not samples:
+        return Pool(torch.zeros(0, 0), torch.zeros(0, 0), torch.zeros(0, 0), torch.zeros(0, dtype=torch.float64))
+    weights = [torch.full((s.size,), s.seen / s.size, dtype=torch.float64) for s in samples]
+    return Pool(torch.cat([s.inputs for s in samples]), torch.cat([s.probs for s in samples]),
+                torch.cat([s.outputs for s in samples]), torch.cat(weights))
+
+
+def view(calibration: Calibration, granularity: str, name: str, prefix: str) -> Tuple[Pool, str]:
+    """The tokens layer ``prefix`` is judged on for output ``name``, and what they are (for messages).
+
+    global: all pairs; pair: the pair ``name``; language (``name`` a direction or a language): encoder
+    layers from the pairs with that source language, decoder layers from those with that target.
+    """
+    if granularity == "global":
+        pairs = sorted(calibration.pairs)
+        what = "any pair"
+    elif granularity == "pair":
+        pairs = [name] if name in calibration.pairs else []
+        what = f"pair {name}"
+    else:
+        if "-" in name:
+            source, target = split_pair(name)
+        else:
+            source = target = name
+        encoder = prefix.startswith("encoder.")
+        language = source if encoder else target
+        pairs = [p for p in sorted(calibration.pairs) if split_pair(p)[0 if encoder else 1] == language]
+        what = f"{language} as a {'source' if encoder else 'target'}"
+    return pool([calibration.pairs[p][prefix] for p in pairs if prefix in calibration.pairs[p]]), what
+
+
+class CalibrationWriter:
+    """Writes the sampler's committed samples to ``{folder}/{pair}.safetensors`` when the process ends."""
+
+    def __init__(self, sampler: CalibrationSampler, folder: str, pair: str):
+        import atexit
+
+        self.sampler = sampler
+        self.path = os.path.join(folder, file_name(pair))
+        self.write()  # a valid (empty) file from the start
+        atexit.register(self.write)
+
+    def write(self) -> None:
+        save(self.sampler.snapshot(), self.path)
+
+
+def attach(recorder: Any, folder: str, tokens: int, seed: int, pair: str) -> CalibrationWriter:
+    """The recording hook's call: sample the tokens ``recorder`` counts into ``folder``."""
+    if tokens < 1:
+        raise SystemExit(f"error: --moe-calibration-tokens must be at least 1, got {tokens}")
+    settings = dict(recorder.settings, tokens=int(tokens))
+    sampler = CalibrationSampler(recorder.specs, recorder.fingerprint, settings, seed)
+    recorder.calibration = sampler
+    return CalibrationWriter(sampler, folder, pair)
