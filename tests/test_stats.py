@@ -132,3 +132,13 @@ def test_counts_that_overflow_when_added_are_refused(recorded, tmp_path):
     big = edited(recorded[1], tmp_path, huge_count_of_another_run)
     with pytest.raises(stats.StatsError, match="overflow"):
         stats.merge([stats.load(str(big)), stats.load(str(recorded[1]))])
+
+
+def test_version_3_files_still_read_with_no_second_expert_skipped(recorded, tmp_path):
+    def to_version_3(data):
+        data.update(version=3)
+        for layer in data["pairs"]["src-tgt"]["layers"].values():
+            del layer["skipped"]
+
+    old = stats.load(str(edited(recorded[1], tmp_path, to_version_3)))
+    assert all(counts.skipped.tolist() == [0] * counts.num_experts for counts in old.pairs["src-tgt"].layers.values())
