@@ -28,7 +28,7 @@ def routed(model):
     """Every (layer, token, expert, weight) decision of the next forward, in order."""
     seen = []
     for layer in model.moe_layers():
-        layer.observer = lambda _layer, routing, padding, dispatch: seen.append(
+        layer.observer = lambda _layer, routing, padding, dispatch, inputs, outputs: seen.append(
             (dispatch.token_ids.tolist(), dispatch.experts.tolist(), dispatch.weights.tolist()))
     return seen
 
