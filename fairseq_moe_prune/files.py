@@ -16,7 +16,7 @@ import shutil
 import signal
 import socket
 import tempfile
-from typing import IO, Iterator
+from typing import IO, Iterator, List
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 LEFTOVER = re.compile(r"^\.(tmp|staging)-([0-9a-f]{8})-(\d+)-")
@@ -86,9 +86,23 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
         os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        # see own_entries: a signal may have left mkstemp before it returned the name
+        for leftover in [tmp] if tmp is not None else own_entries(directory, ".tmp-", os.path.basename(path)):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
         raise
+
+
+def own_entries(directory: str, prefix: str, suffix: str = "") -> List[str]:
+    """This process's temporary files or staging folders in ``directory`` (their names carry :func:`owner`).
+
+    Signal masks are per thread: a SIGTERM blocked around ``mkstemp``/``mkdtemp`` in this thread can still
+    be taken by another thread (torch starts some), and Python then runs the handler in this one, possibly
+    before the new name is returned; the entry is found again by its owner-stamped name.
+    """
+    start = f"{prefix}{owner()}-"
+    return [os.path.join(directory, name) for name in sorted(os.listdir(directory))
+            if name.startswith(start) and name.endswith(suffix)]
 
 
 def umask() -> int:

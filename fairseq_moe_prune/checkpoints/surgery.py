@@ -24,7 +24,7 @@ from fairseq_moe_prune.checkpoints.layouts import (
 )
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
 from fairseq_moe_prune.checkpoints.streaming import Entry, RecordCRCs, check_crc, save_streaming
-from fairseq_moe_prune.files import make_folder, owner, remove_leftovers, signals_held, umask
+from fairseq_moe_prune.files import make_folder, own_entries, owner, remove_leftovers, signals_held, umask
 from fairseq_moe_prune.models.layout import MoELayerSpec, format_counts
 
 
@@ -166,6 +166,9 @@ def staged_directory(out: str, force: bool) -> Iterator[str]:
         yield staging
         publish_directory(staging, out, force)
     except BaseException:
-        if staging is not None and os.path.exists(staging):
-            shutil.rmtree(staging)
+        # A stop signal can reach another thread (torch's) while this one is blocking it, and its handler
+        # then runs inside mkdtemp, before the name is returned: such a folder is still this process's own.
+        for leftover in [staging] if staging is not None else own_entries(parent, ".staging-"):
+            if os.path.exists(leftover):
+                shutil.rmtree(leftover)
         raise
