@@ -9,7 +9,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # Already installed (the versions below, this checkout installed editable, torchaudio gone)? Then nothing to do.
 if python - "$PWD" >/dev/null 2>&1 <<'CHECK'
 import importlib.metadata, importlib.util, json, pathlib, sys
-import fairseq, matplotlib, pytest, torch, transformers
+import accelerate, fairseq, matplotlib, pytest, torch, transformers
 assert torch.__version__.split("+")[0] == "2.13.0" and transformers.__version__.startswith("4.")
 assert importlib.metadata.version("fairseq-fixed") == "0.12.3.1"
 assert importlib.util.find_spec("torchaudio") is None
