@@ -181,6 +181,11 @@ def remove(problem: LayerProblem, state: SearchState, expert: int) -> SearchStat
     kept = state.kept.clone()
     kept[expert] = False
     rows = torch.nonzero((state.top == expert).any(dim=1)).squeeze(1)
+    return reevaluate(problem, state, kept, rows)
+
+
+def reevaluate(problem: LayerProblem, state: SearchState, kept: Tensor, rows: Tensor) -> SearchState:
+    """The state for the kept set ``kept``, where only the tokens ``rows`` can have changed experts."""
     top = state.top.clone()
     token_loss = state.token_loss.clone()
     if len(rows):
@@ -198,12 +203,7 @@ def add(problem: LayerProblem, state: SearchState, expert: int) -> SearchState:
     third_rank = torch.where(third < 0, torch.full_like(rank, problem.num_experts),
                              problem.rank.gather(1, third.clamp(min=0)[:, None]).squeeze(1))
     rows = torch.nonzero(rank < third_rank).squeeze(1)
-    top = state.top.clone()
-    token_loss = state.token_loss.clone()
-    if len(rows):
-        top[rows] = first_kept(problem.order[rows], kept)
-        token_loss[rows] = pair_loss(problem, rows, top[rows, 0], top[rows, 1])
-    return SearchState(kept, top, token_loss, float((problem.weights * token_loss).sum()))
+    return reevaluate(problem, state, kept, rows)
 
 
 def addition_deltas(problem: LayerProblem, state: SearchState) -> Tensor:

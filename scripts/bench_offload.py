@@ -24,7 +24,6 @@ Example: python scripts/bench_offload.py --work /tmp/bench_offload
 import argparse
 import ast
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_prune import REPO, build_model, task_args  # noqa: E402  (one NLLB-shaped builder)
+from bench_prune import REPO, build_data_and_model, task_args  # noqa: E402  (one NLLB-shaped builder)
 
 LOAD_SCRIPT = """
 import ast, re, sys, time
@@ -163,14 +162,7 @@ def main() -> None:
     work = args.work
     single, shared = work / "full.pt", work / "full-shared.pt"
     if not (args.reuse and shared.exists()):
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        print("data: the committed LibreOffice help sample", flush=True)
-        subprocess.run([sys.executable, str(REPO / "examples/libreoffice_help/prepare_data.py"), "--aligned-dir",
-                        str(REPO / "tests/data/libreoffice_help"), "--out", str(work / "data"), "--vocab-size",
-                        "1000", "--test-max", "48"], check=True, capture_output=True)
-        print("model: random, NLLB-shaped, saved as one file and sharded", flush=True)
-        build_model(work / "data", work, args.ffn)
+        build_data_and_model(work, args.ffn)
     experts_bytes = sum(p.stat().st_size for p in work.glob("full-rank-*.pt"))
     mib = 2**20
     print(f"  12 MoE layers x 128 experts of 128x{args.ffn}: {experts_bytes / mib:.0f} MiB of experts on disk "

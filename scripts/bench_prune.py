@@ -86,6 +86,18 @@ def task_args(data: Path) -> List[str]:
             "--langs", LANGS, "--lang-pairs", PAIRS, "--encoder-langtok", "src", "--decoder-langtok"]
 
 
+def build_data_and_model(work: Path, ffn: int) -> None:
+    """A fresh ``work`` folder with the committed sample's data and a random NLLB-shaped model (single + sharded)."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    print("data: the committed LibreOffice help sample", flush=True)
+    subprocess.run([sys.executable, str(REPO / "examples/libreoffice_help/prepare_data.py"), "--aligned-dir",
+                    str(REPO / "tests/data/libreoffice_help"), "--out", str(work / "data"), "--vocab-size",
+                    "1000", "--test-max", "48"], check=True, capture_output=True)
+    print("model: random, NLLB-shaped, saved as one file and sharded", flush=True)
+    build_model(work / "data", work, ffn)
+
+
 def build_model(data: Path, out: Path, ffn: int) -> Tuple[Path, Path]:
     """A random NLLB-shaped model saved as one file and in NLLB's sharded layout."""
     import torch
@@ -138,14 +150,7 @@ def main() -> None:
     work = args.work
     single, shared = work / "full.pt", work / "full-shared.pt"
     if not (args.reuse and shared.exists() and (work / "stats.json").exists()):
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        print("data: the committed LibreOffice help sample", flush=True)
-        subprocess.run([sys.executable, str(REPO / "examples/libreoffice_help/prepare_data.py"), "--aligned-dir",
-                        str(REPO / "tests/data/libreoffice_help"), "--out", str(work / "data"), "--vocab-size",
-                        "1000", "--test-max", "48"], check=True, capture_output=True)
-        print("model: random, NLLB-shaped, saved as one file and sharded", flush=True)
-        build_model(work / "data", work, args.ffn)
+        build_data_and_model(work, args.ffn)
     shards = sorted(work.glob("full-rank-*.pt"), key=lambda p: int(re.search(r"(\d+)\.pt$", p.name).group(1)))
     sizes = [p.stat().st_size for p in shards]
     total_bytes = shared.stat().st_size + sum(sizes)
