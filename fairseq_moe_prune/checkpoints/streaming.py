@@ -135,11 +135,16 @@ def check_crc(data: Union[Tensor, torch.UntypedStorage], records: RecordCRCs, ch
     ptr = storage.data_ptr()
     if ptr in records and ptr not in checked:
         path, name, crc, version = records[ptr]
-        if (path, name, version) not in VERIFIED:
-            if zlib.crc32(_storage_bytes(storage)) != crc:
-                raise CheckpointError(f"{path}: record {name} is corrupt (its bytes do not match their CRC-32)")
-            VERIFIED.add((path, name, version))
+        verify_record(path, name, crc, version, _storage_bytes(storage))
         checked.add(ptr)
+
+
+def verify_record(path: str, name: str, crc: int, version: Tuple[int, int], data) -> None:
+    """A record's bytes must have the CRC-32 its zip entry records; each version of a file is checked once."""
+    if (path, name, version) not in VERIFIED:
+        if zlib.crc32(data) != crc:
+            raise CheckpointError(f"{path}: record {name} is corrupt (its bytes do not match their CRC-32)")
+        VERIFIED.add((path, name, version))
 
 
 def _storage_bytes(storage: torch.UntypedStorage) -> memoryview:
@@ -227,10 +232,7 @@ class CheckpointRecords(Mapping[str, Tensor]):
         data = memoryview(tensor.view(-1).view(torch.uint8).numpy())
         if os.preadv(self.fd, [data], meta.untyped_storage()._checkpoint_offset) != len(data):
             raise CheckpointError(f"{self.path}: {key} runs past the end of the file (truncated?)")
-        if (self.path, info.filename, self.version) not in VERIFIED:
-            if zlib.crc32(data) != info.CRC:
-                raise CheckpointError(f"{self.path}: record {info.filename} is corrupt (its bytes do not match their CRC-32)")
-            VERIFIED.add((self.path, info.filename, self.version))
+        verify_record(self.path, info.filename, info.CRC, self.version, data)
         return tensor
 
     def __contains__(self, key: object) -> bool:
