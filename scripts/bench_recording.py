@@ -21,14 +21,24 @@ from typing import List, Tuple
 REPO = Path(__file__).resolve().parent.parent
 
 
+def language_flags(data: Path) -> List[str]:
+    """``--langs`` and ``--lang-pairs`` from the data folder's lists, every name checked first: text read from a
+    file becomes a command-line value only as a validated language name, never as a flag."""
+    sys.path.insert(0, str(REPO))
+    from fairseq_moe_prune.stats import check_language, split_pair
+
+    langs = [check_language(name) for name in (data / "langs.txt").read_text().strip().split(",")]
+    pairs = ["-".join(split_pair(pair)) for pair in (data / "lang_pairs.txt").read_text().strip().split(",")]
+    return ["--langs", ",".join(langs), "--lang-pairs", ",".join(pairs)]
+
+
 def generate_command(work: Path, direction: str, beam: int, stats_out: Path = None) -> List[str]:
     data = work / "data" / "bin"
     source, target = direction.split("-")
     command = [
         "fairseq-generate", str(data), "--user-dir", str(REPO / "fairseq_moe_prune"),
         "--task", "translation_multi_simple_epoch_moe",
-        "--langs", (data / "langs.txt").read_text().strip(),
-        "--lang-pairs", (data / "lang_pairs.txt").read_text().strip(),
+        *language_flags(data),
         "--encoder-langtok", "src", "--decoder-langtok", "--source-lang", source, "--target-lang", target,
         "--path", str(work / "model" / "checkpoint_last.pt"), "--gen-subset", "test", "--beam", str(beam),
         "--max-tokens", "4000", "--required-batch-size-multiple", "1", "--quiet",

@@ -23,6 +23,7 @@ from typing import List, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench_recording import language_flags  # noqa: E402  (validated --langs / --lang-pairs)
 
 
 def generate_command(data: Path, checkpoint: Path, direction: str, beam: int, skipping: bool) -> List[str]:
@@ -30,8 +31,7 @@ def generate_command(data: Path, checkpoint: Path, direction: str, beam: int, sk
     command = [
         "fairseq-generate", str(data), "--user-dir", str(REPO / "fairseq_moe_prune"),
         "--task", "translation_multi_simple_epoch",
-        "--langs", (data / "langs.txt").read_text().strip(),
-        "--lang-pairs", (data / "lang_pairs.txt").read_text().strip(),
+        *language_flags(data),
         "--encoder-langtok", "src", "--decoder-langtok", "--source-lang", source, "--target-lang", target,
         "--path", str(checkpoint), "--gen-subset", "test", "--beam", str(beam), "--max-len-a", "1.2",
         "--max-len-b", "10", "--max-tokens", "4000", "--required-batch-size-multiple", "1",
