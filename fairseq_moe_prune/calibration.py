@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
@@ -36,7 +35,6 @@ from fairseq_moe_prune.stats import Fingerprint, StatsError, split_pair
 FORMAT = "fairseq-moe-prune/calibration"
 VERSION = 1
 FIELDS = ("inputs", "probs", "outputs", "keys")
-PAIR_NAME = re.compile(r"^[A-Za-z0-9_]+-[A-Za-z0-9_]+$")
 FILE_SUFFIX = ".safetensors"
 
 
@@ -145,8 +143,8 @@ class CalibrationSampler:
 
 
 def file_name(pair: str) -> str:
-    if not PAIR_NAME.match(pair):
-        raise CalibrationError(f"language pair {pair!r} cannot name a calibration file")
+    """``eng_Latn-deu_Latn.safetensors``; the pair is checked by stats.split_pair, as every pair read from a file."""
+    split_pair(pair)
     return pair + FILE_SUFFIX
 
 
@@ -226,7 +224,11 @@ def checked(path: str, fingerprint: Fingerprint, settings: Mapping[str, Any], se
     calibration = Calibration(fingerprint, dict(settings), {})
     expected = set()
     for pair, layers in seen.items():
-        if not isinstance(pair, str) or not PAIR_NAME.match(pair) or not isinstance(layers, dict):
+        try:
+            split_pair(pair)
+        except StatsError as error:
+            raise CalibrationError(f"{path}: {error}") from None
+        if not isinstance(layers, dict):
             raise CalibrationError(f"{path}: malformed language pair {pair!r}")
         calibration.pairs[pair] = {}
         for prefix, count in layers.items():
