@@ -15,8 +15,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from torch import Tensor
 
-from fairseq_moe_prune.checkpoints.safe_load import CheckpointError, load_checkpoint
-from fairseq_moe_prune.checkpoints.streaming import Entry, RecordCRCs, SourceTensor, record_crcs
+from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
+from fairseq_moe_prune.checkpoints.streaming import Entry, RecordCRCs, SourceTensor, load_mapped, meta_weights
 from fairseq_moe_prune.models.layout import MoEConfigError, MoELayerSpec, moe_layers
 
 SHARED_SUFFIX = "-shared.pt"
@@ -83,7 +83,7 @@ class MoECheckpoint:
         # every rank file has the same layout (NLLB's does): shapes come from rank 0, and each tensor is
         # checked against them when it is finally read
         per_rank = self.experts_per_rank()
-        first = load_checkpoint(self.ranks[0], meta=True)["model"]  # the pickle alone: no tensor bytes read
+        first = meta_weights(self.ranks[0])  # the pickle alone: no tensor bytes read
         shapes = {p: {n: (tuple(t.shape), t.dtype) for n, t in expert_tensors(first, p, 0, self.ranks[0]).items()}
                   for p in wanted}
         del first
@@ -118,7 +118,7 @@ def expert_tensors(weights: Mapping[str, Tensor], prefix: str, expert: int, path
 def open_checkpoint(path: str) -> MoECheckpoint:
     """Open a single-file checkpoint or, given ``X-shared.pt``, an expert-sharded one."""
     ranks = rank_paths(path) if path.endswith(SHARED_SUFFIX) else None
-    state = load_checkpoint(path)
+    state, records = load_mapped(path)
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise CheckpointError(f"{path}: not a fairseq checkpoint (no 'model' weights)")
     try:
@@ -130,7 +130,7 @@ def open_checkpoint(path: str) -> MoECheckpoint:
     if not specs:
         raise CheckpointError(f"{path}: the model has no MoE layers")
     check_gates(path, state["model"], specs)
-    return MoECheckpoint(path, state, specs, ranks, record_crcs(path, state))
+    return MoECheckpoint(path, state, specs, ranks, records)
 
 
 def check_gates(path: str, weights: Mapping[str, Tensor], specs: List[MoELayerSpec]) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 import os
 import pickle
 import pickletools
@@ -125,8 +126,8 @@ def names_in_checkpoint(path: str) -> Set[str]:
                 names.add("<a TorchScript archive>")
             for info in infos:
                 if info.filename.endswith(".pkl"):
-                    with archive.open(info) as record:
-                        names |= pickle_globals(record)
+                    with archive.open(info) as record:  # buffered: the scan reads an opcode at a time
+                        names |= pickle_globals(io.BufferedReader(record, 1 << 16))
         return names
     if tarfile.is_tarfile(path):
         return {"<the pre-0.4 tar checkpoint format>"}
@@ -153,7 +154,12 @@ def check_checkpoint(path: str) -> None:
     """Raise a :class:`CheckpointError` unless ``path`` is a checkpoint we are willing to unpickle."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
-    bad = unsafe_globals(path)
+    check_names(path, unsafe_globals(path))
+
+
+def check_names(path: str, names: Set[str]) -> None:
+    """Raise an :class:`UnsafeCheckpointError` if the pickles of ``path`` name anything off the allowlist."""
+    bad = sorted(set(names) - allowed_globals())
     if bad:
         raise UnsafeCheckpointError(
             f"{path}: refusing to load: it pickles {', '.join(sorted(set(bad)))}, "

@@ -30,6 +30,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Uni
 import torch
 from torch import Tensor
 
+from fairseq_moe_prune.checkpoints import pickle_index
+from fairseq_moe_prune.checkpoints.pickle_index import TensorRecord, Unsupported
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError, load_checkpoint
 from fairseq_moe_prune.files import atomic_open
 
@@ -117,6 +119,26 @@ def record_crcs(path: str, state: Any) -> RecordCRCs:
     return {}
 
 
+def load_mapped(path: str) -> Tuple[Any, RecordCRCs]:
+    """A checkpoint loaded as :func:`safe_load.load_checkpoint` loads it (memory-mapped), with its
+    :func:`record_crcs`; read by :mod:`pickle_index` where it can, by torch otherwise."""
+    try:
+        state, views, version = pickle_index.read_mapped(path)
+    except Unsupported:
+        state = load_checkpoint(path)
+        return state, record_crcs(path, state)
+    return state, {view.data_ptr(): (path, info.filename, info.CRC, version)
+                   for view, info in views.values() if info.file_size}
+
+
+def meta_weights(path: str) -> Mapping[str, Any]:
+    """The ``model`` entries of a checkpoint, each with its ``shape`` and ``dtype``, no tensor bytes read."""
+    try:
+        return pickle_index.read_index(path).state["model"]
+    except Unsupported:
+        return load_checkpoint(path, meta=True)["model"]
+
+
 def check_all_records(path: str) -> None:
     """Read every record of a zip checkpoint once, comparing CRCs (zipfile does, at each record's end)."""
     try:
@@ -187,11 +209,16 @@ class CheckpointRecords(Mapping[str, Tensor]):
 
     def __init__(self, path: str):
         self.path = path
-        self.meta = load_checkpoint(path, meta=True)["model"]
         self.mapped: Optional[CheckpointSource] = None
         self.records: List[zipfile.ZipInfo] = []
         self.little_endian = False
-        if sys.byteorder == "little" and zipfile.is_zipfile(path):
+        self.index: Optional[pickle_index.CheckpointIndex] = None
+        try:  # the pickle read by pickle_index: each tensor a TensorRecord
+            self.index = pickle_index.read_index(path)
+            self.meta = self.index.state["model"]
+        except Unsupported:  # the pickle read by torch, tensors on the meta device
+            self.meta = load_checkpoint(path, meta=True)["model"]
+        if self.index is None and sys.byteorder == "little" and zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
                 self.records = sorted(archive.infolist(), key=lambda info: info.header_offset)
                 orders = [info for info in self.records if info.filename.endswith("/byteorder")]
@@ -221,6 +248,8 @@ class CheckpointRecords(Mapping[str, Tensor]):
 
     def __getitem__(self, key: str) -> Tensor:
         meta = self.meta[key]
+        if isinstance(meta, TensorRecord):
+            return self.read_record(key, meta)
         info = self.record(meta)
         if info is None:
             if self.mapped is None:
@@ -233,6 +262,25 @@ class CheckpointRecords(Mapping[str, Tensor]):
         if os.preadv(self.fd, [data], meta.untyped_storage()._checkpoint_offset) != len(data):
             raise CheckpointError(f"{self.path}: {key} runs past the end of the file (truncated?)")
         verify_record(self.path, info.filename, info.CRC, self.version, data)
+        return tensor
+
+    def read_record(self, key: str, meta: TensorRecord) -> Tensor:
+        """A tensor that pickle_index found: one pread of its record, its CRC-32 checked."""
+        try:
+            if not meta.is_whole_storage():
+                raise Unsupported(f"{key} is part of a larger record")
+            info = self.index.record(meta)
+        except Unsupported:
+            if self.mapped is None:
+                self.mapped = CheckpointSource(self.path)
+            return self.mapped[key]
+        tensor = torch.empty(meta.shape, dtype=meta.dtype)
+        if info.file_size == 0:
+            return tensor
+        data = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+        if os.preadv(self.fd, [data], pickle_index.data_offset(self.fd, info)) != len(data):
+            raise CheckpointError(f"{self.path}: {key} runs past the end of the file (truncated?)")
+        verify_record(self.path, info.filename, info.CRC, self.index.version, data)
         return tensor
 
     def __contains__(self, key: object) -> bool:
