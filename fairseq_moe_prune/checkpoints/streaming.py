@@ -213,6 +213,7 @@ class CheckpointRecords(Mapping[str, Tensor]):
         self.records: List[zipfile.ZipInfo] = []
         self.little_endian = False
         self.index: Optional[pickle_index.CheckpointIndex] = None
+        self.crcs: Dict[str, int] = {}  # key -> CRC-32 of the tensors read whole from their records (checked)
         try:  # the pickle read by pickle_index: each tensor a TensorRecord
             self.index = pickle_index.read_index(path)
             self.meta = self.index.state["model"]
@@ -281,6 +282,7 @@ class CheckpointRecords(Mapping[str, Tensor]):
         if os.preadv(self.fd, [data], pickle_index.data_offset(self.fd, info)) != len(data):
             raise CheckpointError(f"{self.path}: {key} runs past the end of the file (truncated?)")
         verify_record(self.path, info.filename, info.CRC, self.index.version, data)
+        self.crcs[key] = info.CRC
         return tensor
 
     def __contains__(self, key: object) -> bool:
@@ -441,7 +443,8 @@ def save_streaming(state: Mapping[str, Any], model: Mapping[str, Entry], path: s
                 if len(data) != size:
                     raise CheckpointError(f"internal error: {name} needs {size} bytes, got {len(data)}")
                 os.pwrite(fd, data, data_offset)
-                crcs[name] = zlib.crc32(data)
+                copied = _copied_crc(entry, source, dtype)
+                crcs[name] = zlib.crc32(data) if copied is None else copied
             del source
         _patch_crcs(fd, crcs, offsets, start_dir)
 
@@ -452,6 +455,14 @@ def _fill_bytes(entry: Any, source: Optional[Mapping[str, Tensor]], dtype: Optio
     if isinstance(entry, SourceTensor):
         return _as_bytes(source_tensor(entry, source), dtype)
     return _as_bytes(entry, dtype)
+
+
+def _copied_crc(entry: Any, source: Optional[Mapping[str, Tensor]], dtype: Optional[torch.dtype]) -> Optional[int]:
+    """The CRC-32 of a source tensor written as it was read: its record's, already checked when it was read."""
+    if isinstance(entry, SourceTensor) and isinstance(source, CheckpointRecords) \
+            and (dtype is None or entry.dtype == dtype or not entry.dtype.is_floating_point):
+        return source.crcs.get(entry.key)
+    return None
 
 
 def _source_path(entry: Entry) -> str:
