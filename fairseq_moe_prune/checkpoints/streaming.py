@@ -197,6 +197,9 @@ class CheckpointSource(Mapping[str, Tensor]):
         return len(self.weights)
 
 
+HEADER_EXTRA = 128  # room for a local header's extra field (torch's pads each record's bytes to 64)
+
+
 class CheckpointRecords(Mapping[str, Tensor]):
     """The ``model`` tensors of a torch checkpoint, each read from its own zip record when asked for.
 
@@ -264,6 +267,20 @@ class CheckpointRecords(Mapping[str, Tensor]):
             raise CheckpointError(f"{self.path}: {key} runs past the end of the file (truncated?)")
         verify_record(self.path, info.filename, info.CRC, self.version, data)
         return tensor
+
+    def prefetch(self, keys: List[str]) -> None:
+        """Ask the kernel to start reading these tensors' records (local header and bytes) now, all at once."""
+        if self.index is None or not hasattr(os, "posix_fadvise"):
+            return
+        for key in keys:
+            meta = self.meta.get(key)
+            if isinstance(meta, TensorRecord) and meta.is_whole_storage():
+                try:
+                    info = self.index.record(meta)
+                except Unsupported:
+                    continue
+                header = 30 + len(info.orig_filename.encode()) + HEADER_EXTRA
+                os.posix_fadvise(self.fd, info.header_offset, header + info.file_size, os.POSIX_FADV_WILLNEED)
 
     def read_record(self, key: str, meta: TensorRecord) -> Tensor:
         """A tensor that pickle_index found: one pread of its record, its CRC-32 checked."""
@@ -431,10 +448,14 @@ def save_streaming(state: Mapping[str, Any], model: Mapping[str, Entry], path: s
         fills = [(f"{prefix}data/{key}", entries.get(storage.data_ptr(), storage))
                  for key, storage in storages.items() if storage.nbytes() > 0]
         crcs: Dict[str, int] = {}
-        # grouped by source file: one source file is open at a time
+        # grouped by source file: one source file is read at a time, while the kernel reads ahead the records
+        # the next one will give (two are open)
         fills.sort(key=lambda fill: _source_path(fill[1]))
-        for source_path, group in itertools.groupby(fills, key=lambda fill: _source_path(fill[1])):
-            source = open_source(source_path) if source_path else None
+        groups = [(path, list(group)) for path, group in itertools.groupby(fills, key=lambda fill: _source_path(fill[1]))]
+        upcoming = _open_prefetched(*groups[0]) if groups else None
+        for number, (source_path, group) in enumerate(groups):
+            source = upcoming
+            upcoming = _open_prefetched(*groups[number + 1]) if number + 1 < len(groups) else None
             for name, entry in group:
                 if not isinstance(entry, SourceTensor):
                     check_crc(entry, input_crcs or {}, checked)
@@ -447,6 +468,16 @@ def save_streaming(state: Mapping[str, Any], model: Mapping[str, Entry], path: s
                 crcs[name] = zlib.crc32(data) if copied is None else copied
             del source
         _patch_crcs(fd, crcs, offsets, start_dir)
+
+
+def _open_prefetched(path: str, group: List[Tuple[str, Any]]) -> Optional[Mapping[str, Tensor]]:
+    """The source file of a group of fills, the kernel asked to start reading the records they need."""
+    if not path:
+        return None
+    source = open_source(path)
+    if isinstance(source, CheckpointRecords):
+        source.prefetch([entry.key for _, entry in group])
+    return source
 
 
 def _fill_bytes(entry: Any, source: Optional[Mapping[str, Tensor]], dtype: Optional[torch.dtype]) -> memoryview:
