@@ -118,7 +118,7 @@ def expert_tensors(weights: Mapping[str, Tensor], prefix: str, expert: int, path
 def open_checkpoint(path: str) -> MoECheckpoint:
     """Open a single-file checkpoint or, given ``X-shared.pt``, an expert-sharded one."""
     ranks = rank_paths(path) if path.endswith(SHARED_SUFFIX) else None
-    state, records = load_mapped(path)
+    state, records = load_mapped(path, read_ahead=ranks is not None)  # a shared part is written whole
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise CheckpointError(f"{path}: not a fairseq checkpoint (no 'model' weights)")
     try:

@@ -149,7 +149,7 @@ class MappedUnpickler(StructureUnpickler):
 
     def __init__(self, data: bytes, path: str, fd: int, prefix: str, records: Dict[str, zipfile.ZipInfo], size: int):
         super().__init__(data)
-        self.fd, self.prefix, self.records = fd, prefix, records
+        self.fd, self.prefix, self.records, self.size = fd, prefix, records, size
         self.base = torch.UntypedStorage.from_file(path, False, size)  # private: the input is never written
         self.views: Dict[str, Tuple[torch.UntypedStorage, zipfile.ZipInfo]] = {}
 
@@ -157,8 +157,10 @@ class MappedUnpickler(StructureUnpickler):
         record = super().rebuild_tensor(*args)
         key = record.storage.key
         if key not in self.views:
-            info = stored_record(self.records, self.prefix, record.storage)
+            info = stored_record(self.records, self.prefix, record.storage, self.size)
             start = data_offset(self.fd, info)
+            if start + info.file_size > self.size:
+                raise Unsupported(f"record {info.filename} runs past the end of the file")
             self.views[key] = (self.base[start:start + info.file_size], info)
         try:
             return torch.empty((0,), dtype=record.dtype).set_(self.views[key][0], record.offset, record.shape,
@@ -178,14 +180,16 @@ class CheckpointIndex:
     version: Tuple[int, int]  # the file's (size, mtime) when read
 
     def record(self, tensor: TensorRecord) -> zipfile.ZipInfo:
-        return stored_record(self.records, self.prefix, tensor.storage)
+        return stored_record(self.records, self.prefix, tensor.storage, self.version[0])
 
 
-def stored_record(records: Dict[str, zipfile.ZipInfo], prefix: str, storage: StorageRecord) -> zipfile.ZipInfo:
-    """The zip record of a storage, stored uncompressed and of the storage's size."""
+def stored_record(records: Dict[str, zipfile.ZipInfo], prefix: str, storage: StorageRecord,
+                  file_size: int) -> zipfile.ZipInfo:
+    """The zip record of a storage, stored uncompressed, of the storage's size and inside the file."""
     info = records.get(f"{prefix}data/{storage.key}")
     nbytes = storage.numel * storage.dtype.itemsize
-    if info is None or info.compress_type != zipfile.ZIP_STORED or info.file_size != nbytes:
+    if info is None or info.compress_type != zipfile.ZIP_STORED or info.file_size != nbytes \
+            or info.header_offset + nbytes > file_size:
         raise Unsupported(f"storage {storage.key} has no stored record of {nbytes} bytes")
     return info
 

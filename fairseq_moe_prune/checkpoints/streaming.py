@@ -24,6 +24,7 @@ import sys
 import types
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Union
 
@@ -119,9 +120,16 @@ def record_crcs(path: str, state: Any) -> RecordCRCs:
     return {}
 
 
-def load_mapped(path: str) -> Tuple[Any, RecordCRCs]:
+def load_mapped(path: str, read_ahead: bool = False) -> Tuple[Any, RecordCRCs]:
     """A checkpoint loaded as :func:`safe_load.load_checkpoint` loads it (memory-mapped), with its
-    :func:`record_crcs`; read by :mod:`pickle_index` where it can, by torch otherwise."""
+    :func:`record_crcs`; read by :mod:`pickle_index` where it can, by torch otherwise. With ``read_ahead``
+    (a file that will be read whole) the kernel is asked to read all of it now."""
+    if read_ahead and hasattr(os, "posix_fadvise") and os.path.isfile(path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
     try:
         state, views, version = pickle_index.read_mapped(path)
     except Unsupported:
@@ -203,11 +211,12 @@ HEADER_EXTRA = 128  # room for a local header's extra field (torch's pads each r
 class CheckpointRecords(Mapping[str, Tensor]):
     """The ``model`` tensors of a torch checkpoint, each read from its own zip record when asked for.
 
-    Only the pickle and the zip's central directory are read up front (the pickle on the meta device,
-    where each storage knows the offset of its bytes in the file); a tensor asked for is read with one
-    ``pread`` of exactly its record's bytes and checked against the record's CRC-32, so the records
-    nobody asks for are never touched. Anything else (the legacy format, a big-endian file, a tensor
-    that is part of a larger record) is read through :class:`CheckpointSource`.
+    Only the pickle and the zip's central directory are read up front (the pickle by :mod:`pickle_index`,
+    each tensor a :class:`TensorRecord` naming its record; or, for a pickle it does not cover, by torch on
+    the meta device, where each storage knows the offset of its bytes in the file); a tensor asked for is
+    read with one ``pread`` of exactly its record's bytes and checked against the record's CRC-32, so the
+    records nobody asks for are never touched. Anything else (the legacy format, a big-endian file, a
+    tensor that is part of a larger record) is read through :class:`CheckpointSource`.
     """
 
     def __init__(self, path: str):
@@ -448,26 +457,35 @@ def save_streaming(state: Mapping[str, Any], model: Mapping[str, Entry], path: s
         fills = [(f"{prefix}data/{key}", entries.get(storage.data_ptr(), storage))
                  for key, storage in storages.items() if storage.nbytes() > 0]
         crcs: Dict[str, int] = {}
-        # grouped by source file: one source file is read at a time, while the kernel reads ahead the records
-        # the next one will give (two are open)
+        # grouped by source file: one source file is read at a time, while a second thread opens the next one
+        # (reads and checks its pickle) and asks the kernel to read ahead the records it will give
         fills.sort(key=lambda fill: _source_path(fill[1]))
         groups = [(path, list(group)) for path, group in itertools.groupby(fills, key=lambda fill: _source_path(fill[1]))]
-        upcoming = _open_prefetched(*groups[0]) if groups else None
-        for number, (source_path, group) in enumerate(groups):
-            source = upcoming
-            upcoming = _open_prefetched(*groups[number + 1]) if number + 1 < len(groups) else None
-            for name, entry in group:
-                if not isinstance(entry, SourceTensor):
-                    check_crc(entry, input_crcs or {}, checked)
-                data = _fill_bytes(entry, source, dtype)
-                _, data_offset, size = offsets[name]
-                if len(data) != size:
-                    raise CheckpointError(f"internal error: {name} needs {size} bytes, got {len(data)}")
-                os.pwrite(fd, data, data_offset)
-                copied = _copied_crc(entry, source, dtype)
-                crcs[name] = zlib.crc32(data) if copied is None else copied
-            del source
+        with ThreadPoolExecutor(max_workers=1) as opener:
+            upcoming = opener.submit(_open_prefetched, *groups[0]) if groups else None
+            for number, (source_path, group) in enumerate(groups):
+                source = upcoming.result()
+                if number + 1 < len(groups):
+                    upcoming = opener.submit(_open_prefetched, *groups[number + 1])
+                _fill_group(fd, group, source, offsets, dtype, input_crcs, checked, crcs)
+                del source
         _patch_crcs(fd, crcs, offsets, start_dir)
+
+
+def _fill_group(fd: int, group: List[Tuple[str, Any]], source: Optional[Mapping[str, Tensor]],
+                offsets: Mapping[str, Tuple[int, int, int]], dtype: Optional[torch.dtype],
+                input_crcs: Optional[RecordCRCs], checked: Set[int], crcs: Dict[str, int]) -> None:
+    """Write the bytes of each fill of one source file into its hole, noting its CRC-32."""
+    for name, entry in group:
+        if not isinstance(entry, SourceTensor):
+            check_crc(entry, input_crcs or {}, checked)
+        data = _fill_bytes(entry, source, dtype)
+        _, data_offset, size = offsets[name]
+        if len(data) != size:
+            raise CheckpointError(f"internal error: {name} needs {size} bytes, got {len(data)}")
+        os.pwrite(fd, data, data_offset)
+        copied = _copied_crc(entry, source, dtype)
+        crcs[name] = zlib.crc32(data) if copied is None else copied
 
 
 def _open_prefetched(path: str, group: List[Tuple[str, Any]]) -> Optional[Mapping[str, Tensor]]:
