@@ -6,7 +6,10 @@ second expert "all", eval capacity fraction 1.0); the dense FFN has width 1024, 
 arithmetic per token. Cases: inference on one decoding step of 16, 64 and 256 tokens (one token
 per sentence and beam), inference on 4,096 tokens (an encoder batch), and forward + backward on
 4,096 tokens in training mode. Each case alternates the two modules call by call and reports the
-median of repeated timings.
+median of repeated timings. Inference cases also time the layer's experts alone on the tokens its gate
+routes to them (no gate, dispatch or combine): what is left of the gap to the dense FFN is then the
+experts' own arithmetic, which at a decoding step reads all routed experts' weights (8 times the dense
+FFN's bytes when all 16 experts are used) in small matrix products.
 
 The headline lines read ``ratio to dense, <case>: X`` where X = dense FFN time / MoE layer time:
 higher is better, 1.0 means the MoE layer is as fast as the dense FFN it replaces (its routing
@@ -64,8 +67,28 @@ def timed(module: torch.nn.Module, x: torch.Tensor, training: bool, calls: int, 
     return (time.perf_counter() - wall) / calls, (time.process_time() - cpu) / calls
 
 
-def run_case(tokens: int, training: bool, device: str, repeats: int) -> Tuple[float, float, float, float]:
-    """Median (dense wall, MoE wall, dense CPU, MoE CPU) seconds per call."""
+class ExpertsAlone(torch.nn.Module):
+    """The layer's experts on the chunks its gate routes ``x`` to, without the gate, dispatch or combine:
+    the floor of the MoE layer's time with per-expert kernels (at inference unused experts are skipped)."""
+
+    def __init__(self, moe: MoELayer, x: torch.Tensor):
+        super().__init__()
+        self.moe = moe
+        with torch.no_grad():
+            tokens = x.reshape(-1, x.shape[-1])
+            routing = moe.gate(tokens, None)
+            keys, order = torch.sort(routing.experts.reshape(-1), stable=True)
+            counts = torch.bincount(keys, minlength=moe.num_experts).tolist()
+            top_k = routing.experts.shape[1]
+            self.chunks = tokens[torch.div(order, top_k, rounding_mode="floor")].split(counts)
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return [expert(chunk) for expert, chunk in zip(self.moe.experts, self.chunks) if chunk.shape[0] > 0]
+
+
+def run_case(tokens: int, training: bool, device: str, repeats: int) -> Tuple[float, ...]:
+    """Median (dense wall, MoE wall, dense CPU, MoE CPU, experts-alone wall) seconds per call
+    (experts alone: inference cases only, else 0)."""
     moe, dense = build(device)
     moe.train(training)
     dense.train(training)
@@ -75,21 +98,26 @@ def run_case(tokens: int, training: bool, device: str, repeats: int) -> Tuple[fl
     for _ in range(3):  # warm up both
         timed(dense, x, training, calls, device)
         timed(moe, x, training, calls, device)
-    samples: List[Tuple[float, float, float, float]] = []
+    alone = None if training else ExpertsAlone(moe, x)
+    samples: List[Tuple[float, ...]] = []
     for _ in range(repeats):
         dense_wall, dense_cpu = timed(dense, x, training, calls, device)
         moe_wall, moe_cpu = timed(moe, x, training, calls, device)
-        samples.append((dense_wall, moe_wall, dense_cpu, moe_cpu))
-    return tuple(statistics.median(s[i] for s in samples) for i in range(4))  # type: ignore[return-value]
+        alone_wall = 0.0 if alone is None else timed(alone, x, training, calls, device)[0]
+        samples.append((dense_wall, moe_wall, dense_cpu, moe_cpu, alone_wall))
+    return tuple(statistics.median(s[i] for s in samples) for i in range(5))
 
 
 def report(device: str, repeats: int, print_line: Callable[[str], None]) -> None:
     suffix = "" if device == "cpu" else " on GPU"
     for name, tokens, training in CASES:
-        dense_wall, moe_wall, dense_cpu, moe_cpu = run_case(tokens, training, device, repeats)
+        dense_wall, moe_wall, dense_cpu, moe_cpu, alone_wall = run_case(tokens, training, device, repeats)
         print_line(f"  {name}: dense {dense_wall * 1e3:.3f} ms, MoE {moe_wall * 1e3:.3f} ms per call"
                    + (f" (CPU time: dense {dense_cpu * 1e3:.3f} ms, MoE {moe_cpu * 1e3:.3f} ms, "
                       f"ratio {dense_cpu / moe_cpu:.2f})" if device == "cpu" else ""))
+        if alone_wall > 0:
+            print_line(f"  {name}: the experts alone on the same routed tokens {alone_wall * 1e3:.3f} ms "
+                       f"(gate, dispatch and combine take {100 * (1 - alone_wall / moe_wall):.0f}% of the MoE layer)")
         print_line(f"ratio to dense{suffix}, {name}: {dense_wall / moe_wall:.2f}")
 
 
