@@ -177,9 +177,9 @@ class MoELayer(nn.Module):
         counts = torch.bincount(keys, minlength=self.num_experts + 1).tolist()
         routed = len(keys) - counts.pop()
         experts, order = keys[:routed], order[:routed]
-        token_ids = torch.div(order, top_k, rounding_mode="floor")
-        weights = weights[order]
-        chunks = tokens[token_ids].split(counts)
+        token_ids = order if top_k == 1 else torch.div(order, top_k, rounding_mode="floor")
+        weights = weights.index_select(0, order)  # index_select: the same rows as indexing, less overhead
+        chunks = tokens.index_select(0, token_ids).split(counts)
         # In training every expert runs, even on no tokens, so that each gets a gradient (zero if unused)
         # and the optimizer treats all alike; at inference experts without tokens are skipped (one decoding
         # step of one language uses few experts).
