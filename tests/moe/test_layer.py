@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fairseq_moe_prune.moe.layer import GateOptions, MoELayer
+from fairseq_moe_prune.moe.layer import Expert, GateOptions, MoELayer
 
 ALL = GateOptions(second_expert_policy="all", eval_capacity_token_fraction=1.0, use_fp32=True)
 
@@ -115,3 +115,29 @@ def test_skipping_layer_equals_first_expert_alone_where_the_rule_fires_and_never
         assert torch.equal(out, plain(x).reshape(-1, 8))  # bit-identical to no skipping
     torch.testing.assert_close(out, expected)
     assert ran == 2 * tokens.shape[0] - int(fires.sum())  # skipped experts never ran
+
+
+def test_expert_computes_what_its_modules_compute_and_drops_exactly_where_its_dropout_would():
+    torch.manual_seed(0)
+    expert = Expert(8, 16, "relu", 0.5)
+    x = torch.randn(5, 8)
+
+    def modules(seed):
+        torch.manual_seed(seed)
+        return expert.fc2(expert.activation_dropout(expert.activation_fn(expert.fc1(x))))
+
+    def forward(seed):
+        torch.manual_seed(seed)
+        return expert(x)
+
+    expert.eval()
+    assert torch.equal(forward(1), modules(1))
+    kept = forward(1)
+    for mode in ("train", "retain_dropout"):
+        if mode == "train":
+            expert.train()
+        else:
+            expert.eval()
+            expert.activation_dropout.apply_during_inference = True
+        assert torch.equal(forward(2), modules(2))
+        assert not torch.equal(forward(2), kept)  # p = 0.5 on 80 units: something was dropped
