@@ -49,7 +49,10 @@ def build(device: str) -> Tuple[MoELayer, Expert]:
 
 def step(module: torch.nn.Module, x: torch.Tensor, training: bool) -> None:
     if training:
-        module(x).sum().backward()
+        output = module(x)
+        if isinstance(module, MoELayer):
+            output, _ = output  # (output, load-balancing loss)
+        output.sum().backward()
     else:
         with torch.no_grad():
             module(x)

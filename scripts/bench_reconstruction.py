@@ -46,7 +46,7 @@ def build(work: Path, dim: int, ffn: int, experts: int, tokens: int, seed: int) 
                 parameter.normal_(0, 0.3)
             x = torch.randn(tokens, dim)
             probs = layer.gate(x, None).probs
-            z = layer(x[None])[0]
+            z = layer(x[None])[0][0]
         for name, tensor in layer.state_dict().items():
             weights[f"{spec.prefix}.{name}"] = tensor.clone()
         gates.append(layer.gate.wg.weight)

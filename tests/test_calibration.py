@@ -61,7 +61,7 @@ def test_samples_are_real_tokens_of_the_run_with_their_gate_softmax_and_layer_ou
         assert len(matches) == 1  # a real (not padding) token of this batch
         torch.testing.assert_close(p, torch.softmax(logits[matches[0]].float(), dim=0))
         with torch.no_grad():
-            torch.testing.assert_close(z, layer(x[None, None])[0, 0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(z, layer(x[None, None])[0][0, 0], rtol=1e-5, atol=1e-6)
     # decoder tokens are the counted ones: the statistics would count the same number
     assert sample[DEC].seen == task.recorder.snapshot().pairs["src-tgt"].layers[DEC].tokens > 0
 

@@ -36,7 +36,7 @@ def calibration_of(layer: MoELayer, tokens: int, seed: int = 1):
     x = torch.randn(tokens, layer.gate.wg.in_features, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         probs = layer.gate(x, None).probs
-        z = layer(x[None])[0]
+        z = layer(x[None])[0][0]
     return x, probs, z
 
 

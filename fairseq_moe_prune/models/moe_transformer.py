@@ -31,13 +31,15 @@ from fairseq_moe_prune.models import task_routing
 from fairseq_moe_prune.models.layout import MoEConfigError, config_value, moe_layers, skip_betas
 from fairseq_moe_prune.models.task_routing import TaskLookup, TaskSpace
 from fairseq_moe_prune.models.transformer_layers import MoEDecoderLayer, MoEEncoderLayer
+from fairseq_moe_prune.moe.gate import SECOND_EXPERT_POLICIES, GateOptions
 from fairseq_moe_prune.moe.layer import MoELayer
 from fairseq_moe_prune.moe.placement import check_placement
 
 
 @dataclass
 class MoEConfig(FairseqDataclass):
-    """NLLB's MoE fields (defaults as in the nllb branch) plus per-layer expert counts."""
+    """NLLB's MoE fields plus ours (per-layer expert counts, FFN widths, task routing, placement); the
+    gating fields' defaults are GateOptions's (the nllb branch's)."""
 
     moe_freq: int = field(default=0, metadata={"help": "every N-th layer is an MoE layer (0: none)"})
     encoder_moe_freq: int = field(default=0, metadata={"help": "MoE frequency in the encoder"})
@@ -51,22 +53,24 @@ class MoEConfig(FairseqDataclass):
         default=None,
         metadata={"help": "comma-separated experts per decoder MoE layer (overrides --moe-expert-count)"},
     )
-    moe_gating_use_fp32: bool = field(default=False, metadata={"help": "softmax the gate in fp32"})
-    moe_second_expert_policy: ChoiceEnum(["all", "sampling", "random"]) = field(  # type: ignore
-        default="sampling", metadata={"help": "how the second expert is chosen"}
+    moe_gating_use_fp32: bool = field(default=GateOptions.use_fp32, metadata={"help": "softmax the gate in fp32"})
+    moe_second_expert_policy: ChoiceEnum(list(SECOND_EXPERT_POLICIES)) = field(  # type: ignore
+        default=GateOptions.second_expert_policy, metadata={"help": "how the second expert is chosen"}
     )
     moe_normalize_gate_prob_before_dropping: bool = field(
-        default=False, metadata={"help": "renormalise top-2 weights before capacity dropping"}
+        default=GateOptions.normalize_gate_prob_before_dropping,
+        metadata={"help": "renormalise top-2 weights before capacity dropping"},
     )
     moe_eval_capacity_token_fraction: float = field(
-        default=0.25, metadata={"help": "expert capacity at inference as a fraction of tokens"}
+        default=GateOptions.eval_capacity_token_fraction,
+        metadata={"help": "expert capacity at inference as a fraction of tokens"},
     )
     moe_batch_prioritized_routing: bool = field(
-        default=False, metadata={"help": "confident tokens take capacity first"}
+        default=GateOptions.batch_prioritized_routing, metadata={"help": "confident tokens take capacity first"}
     )
-    use_moe_pad_mask: bool = field(default=False, metadata={"help": "padding takes no expert slot"})
+    use_moe_pad_mask: bool = field(default=GateOptions.use_pad_mask, metadata={"help": "padding takes no expert slot"})
     moe_eom: float = field(default=0.0, metadata={"help": "expert output masking rate"})
-    moe_top1_expert: bool = field(default=False, metadata={"help": "top-1 instead of top-2 gating"})
+    moe_top1_expert: bool = field(default=GateOptions.top1, metadata={"help": "top-1 instead of top-2 gating"})
     moe_skip_betas: Optional[str] = field(
         default=None,
         metadata={"help": "dynamic skipping: comma-separated beta per MoE layer (encoder first); a token's second "
@@ -155,11 +159,11 @@ class MoETransformerEncoder(TransformerEncoderBase):
 
     def forward_scriptable(self, src_tokens, src_lengths: Optional[Tensor] = None, return_all_hiddens: bool = False,
                            token_embeddings: Optional[Tensor] = None):
-        """fairseq's encoder forward; with task routing the MoE layers also get each sentence's task
-        embedding, and the output carries the source languages for a decoder that routes by pair."""
-        if self.task_lookup is None:
-            return super().forward_scriptable(src_tokens, src_lengths, return_all_hiddens, token_embeddings)
-        source_langs = self.task_lookup.source_langs(src_tokens)
+        """fairseq's encoder forward, whose output also carries ``l_aux``: the load-balancing loss of each
+        MoE layer that ran (layerdrop may skip some), in layer order. With task routing the MoE layers
+        get each sentence's task embedding, and the output carries the source languages for a decoder
+        that routes by pair."""
+        source_langs = self.task_lookup.source_langs(src_tokens) if self.task_lookup is not None else None
         task_states = self.moe_task_embed(source_langs) if self.moe_task_embed is not None else None
         encoder_padding_mask = src_tokens.eq(self.padding_idx)
         has_pads = bool(encoder_padding_mask.any())
@@ -169,13 +173,17 @@ class MoETransformerEncoder(TransformerEncoderBase):
         x = x.transpose(0, 1)  # B x T x C -> T x B x C
         layer_mask = encoder_padding_mask if has_pads else None
         encoder_states = [x] if return_all_hiddens else []
+        fc_results: List[Optional[Tensor]] = []
+        l_aux: List[Tensor] = []
         for layer in self.layers:
             if isinstance(layer, MoEEncoderLayer):
-                x = layer(x, layer_mask, task_states=task_states)
+                x, layer_l_aux = layer(x, layer_mask, task_states=task_states)
+                l_aux.append(layer_l_aux)
             else:
                 x = layer(x, encoder_padding_mask=layer_mask)
             if return_all_hiddens:
                 encoder_states.append(x)
+                fc_results.append(None)
         if self.layer_norm is not None:
             x = self.layer_norm(x)
         src_lengths = src_tokens.ne(self.padding_idx).sum(dim=1, dtype=torch.int32).reshape(-1, 1).contiguous()
@@ -184,10 +192,11 @@ class MoETransformerEncoder(TransformerEncoderBase):
             "encoder_padding_mask": [encoder_padding_mask],
             "encoder_embedding": [encoder_embedding],
             "encoder_states": encoder_states,
-            "fc_results": [],
+            "fc_results": fc_results,
             "src_tokens": [],
             "src_lengths": [src_lengths],
-            "moe_source_langs": [source_langs],
+            "moe_source_langs": [source_langs] if source_langs is not None else [],
+            "l_aux": l_aux,
         }
 
     def reorder_encoder_out(self, encoder_out: Dict[str, List[Tensor]], new_order):
@@ -213,13 +222,15 @@ class MoETransformerDecoder(TransformerDecoderBase):
                                     incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
                                     full_context_alignment: bool = False, alignment_layer: Optional[int] = None,
                                     alignment_heads: Optional[int] = None):
-        """fairseq's decoder forward; with task routing the MoE layers also get each sentence's task
-        embedding, read from the first input token, which fairseq's generator passes at every step."""
-        if self.task_lookup is None:
-            return super().extract_features_scriptable(prev_output_tokens, encoder_out, incremental_state,
-                                                       full_context_alignment, alignment_layer, alignment_heads)
-        source_langs = encoder_out["moe_source_langs"][0] if encoder_out and encoder_out.get("moe_source_langs") else None
-        task_states = self.moe_task_embed(self.task_lookup.decoder_tasks(prev_output_tokens, source_langs))
+        """fairseq's decoder forward, whose extra output also carries ``l_aux``: the encoder's list
+        followed by the load-balancing loss of each decoder MoE layer that ran. With task routing the MoE
+        layers get each sentence's task embedding, read from the first input token, which fairseq's
+        generator passes at every step."""
+        task_states = None
+        if self.task_lookup is not None:
+            source_langs = (encoder_out["moe_source_langs"][0]
+                            if encoder_out is not None and encoder_out.get("moe_source_langs") else None)
+            task_states = self.moe_task_embed(self.task_lookup.decoder_tasks(prev_output_tokens, source_langs))
         if alignment_layer is None:
             alignment_layer = self.num_layers - 1
         enc = encoder_out["encoder_out"][0] if encoder_out is not None and encoder_out["encoder_out"] else None
@@ -250,13 +261,22 @@ class MoETransformerDecoder(TransformerDecoderBase):
 
         attn: Optional[Tensor] = None
         inner_states: List[Optional[Tensor]] = [x]
+        l_aux: List[Tensor] = list(encoder_out["l_aux"]) if encoder_out is not None and "l_aux" in encoder_out else []
         for idx, layer in enumerate(self.layers):
             self_attn_mask = self.buffered_future_mask(x) if incremental_state is None and not full_context_alignment else None
-            extra = {"task_states": task_states} if isinstance(layer, MoEDecoderLayer) else {}
-            x, layer_attn, _ = layer(x, enc, padding_mask, incremental_state, self_attn_mask=self_attn_mask,
-                                     self_attn_padding_mask=self_attn_padding_mask,
-                                     need_attn=bool(idx == alignment_layer),
-                                     need_head_weights=bool(idx == alignment_layer), **extra)
+            if isinstance(layer, MoEDecoderLayer):
+                x, layer_attn, _, layer_l_aux = layer(x, enc, padding_mask, incremental_state,
+                                                      self_attn_mask=self_attn_mask,
+                                                      self_attn_padding_mask=self_attn_padding_mask,
+                                                      need_attn=bool(idx == alignment_layer),
+                                                      need_head_weights=bool(idx == alignment_layer),
+                                                      task_states=task_states)
+                l_aux.append(layer_l_aux)
+            else:
+                x, layer_attn, _ = layer(x, enc, padding_mask, incremental_state, self_attn_mask=self_attn_mask,
+                                         self_attn_padding_mask=self_attn_padding_mask,
+                                         need_attn=bool(idx == alignment_layer),
+                                         need_head_weights=bool(idx == alignment_layer))
             inner_states.append(x)
             if layer_attn is not None and idx == alignment_layer:
                 attn = layer_attn.float().to(x)
@@ -269,7 +289,7 @@ class MoETransformerDecoder(TransformerDecoderBase):
         x = x.transpose(0, 1)  # T x B x C -> B x T x C
         if self.project_out_dim is not None:
             x = self.project_out_dim(x)
-        return x, {"attn": [attn], "inner_states": inner_states}
+        return x, {"attn": [attn], "inner_states": inner_states, "l_aux": l_aux}
 
 
 @register_model("moe_transformer")

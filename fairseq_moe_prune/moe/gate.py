@@ -20,6 +20,24 @@ from torch import Tensor
 SECOND_EXPERT_POLICIES = ("all", "sampling", "random")
 
 
+@dataclass(frozen=True)
+class GateOptions:
+    """NLLB's gating flags (its config's ``moe_*`` fields), with the nllb branch's defaults.
+
+    The defaults are stated here once: the gating functions below, the model config (``MoEConfig``)
+    and the config reader (``transformer_layers.gate_options``) take theirs from this class.
+    """
+
+    top1: bool = False
+    use_fp32: bool = False
+    second_expert_policy: str = "sampling"  # one of SECOND_EXPERT_POLICIES
+    normalize_gate_prob_before_dropping: bool = False
+    eval_capacity_token_fraction: float = 0.25
+    batch_prioritized_routing: bool = False
+    use_pad_mask: bool = False
+    skip_beta: float = 0.0  # dynamic skipping of the second expert (moe_skip_betas); 0: off
+
+
 @dataclass
 class Routing:
     """What a gate decided for a flat batch of S tokens.
@@ -27,11 +45,14 @@ class Routing:
     ``experts[s, j]`` is the j-th choice of token s (j = 0 for top-1, 1 for top-2), chosen before
     capacity dropping and padding masking; ``weights[s, j]`` is the combine weight that choice
     gets, 0 where it was dropped, masked or not sampled. ``probs`` is the full softmax.
+    ``dispatch_mask[s, j]`` says whether the choice runs: its weight is non-zero before the cast to
+    the input dtype, as NLLB's ``dispatch_mask`` (under fp16 a tiny weight can round to 0 and still run).
     """
 
     probs: Tensor  # (S, E), float32 when gating in fp32
     experts: Tensor  # (S, k), int64
     weights: Tensor  # (S, k), in the input dtype
+    dispatch_mask: Tensor  # (S, k), bool
     l_aux: Tensor  # scalar load-balancing loss
     skipped: Optional[Tensor] = None  # (S,) bool: second expert skipped by dynamic skipping (None: rule off)
 
@@ -94,13 +115,13 @@ def top2gating(
     logits: Tensor,
     padding_mask: Optional[Tensor] = None,
     *,
-    use_fp32: bool = False,
-    second_expert_policy: str = "sampling",
-    normalize_gate_prob_before_dropping: bool = False,
+    use_fp32: bool = GateOptions.use_fp32,
+    second_expert_policy: str = GateOptions.second_expert_policy,
+    normalize_gate_prob_before_dropping: bool = GateOptions.normalize_gate_prob_before_dropping,
     training: bool = False,
-    eval_capacity_token_fraction: float = 0.25,
-    batch_prioritized_routing: bool = False,
-    skip_beta: float = 0.0,
+    eval_capacity_token_fraction: float = GateOptions.eval_capacity_token_fraction,
+    batch_prioritized_routing: bool = GateOptions.batch_prioritized_routing,
+    skip_beta: float = GateOptions.skip_beta,
 ) -> Routing:
     """Route each of the S tokens of ``logits`` (S, E) to two experts.
 
@@ -175,10 +196,12 @@ def top2gating(
         weight1 = torch.where(skipped, first_alone, weight1)
         weight2 = torch.where(skipped, torch.zeros_like(weight2), weight2)
 
+    weights = torch.stack([weight1, weight2], dim=1)
     return Routing(
         probs=probs,
         experts=torch.stack([top1, top2], dim=1),
-        weights=torch.stack([weight1, weight2], dim=1).to(out_dtype),
+        weights=weights.to(out_dtype),
+        dispatch_mask=weights != 0,
         l_aux=l_aux,
         skipped=skipped,
     )
@@ -197,9 +220,9 @@ def top1gating(
     logits: Tensor,
     padding_mask: Optional[Tensor] = None,
     *,
-    use_fp32: bool = False,
+    use_fp32: bool = GateOptions.use_fp32,
     training: bool = False,
-    eval_capacity_token_fraction: float = 0.25,
+    eval_capacity_token_fraction: float = GateOptions.eval_capacity_token_fraction,
 ) -> Routing:
     """Route each token to its argmax expert with weight = its gate probability (Switch style)."""
     out_dtype = logits.dtype
@@ -225,6 +248,7 @@ def top1gating(
         probs=probs,
         experts=top1[:, None],
         weights=weight[:, None].to(out_dtype),
+        dispatch_mask=weight[:, None] != 0,
         l_aux=l_aux,
     )
 
@@ -232,10 +256,10 @@ def top1gating(
 def task_gating(
     logits: Tensor,
     *,
-    top1: bool = False,
-    use_fp32: bool = False,
-    second_expert_policy: str = "sampling",
-    normalize_gate_prob_before_dropping: bool = False,
+    top1: bool = GateOptions.top1,
+    use_fp32: bool = GateOptions.use_fp32,
+    second_expert_policy: str = GateOptions.second_expert_policy,
+    normalize_gate_prob_before_dropping: bool = GateOptions.normalize_gate_prob_before_dropping,
     training: bool = False,
 ) -> Routing:
     """Route each of B sentences by its task: ``logits`` (B, E) come from the sentence's task embedding.
@@ -255,7 +279,8 @@ def task_gating(
     l_aux = load_balancing_loss(probs, top1_mask)
     gate1 = probs.gather(1, top1_ids[:, None]).squeeze(1)
     if top1:
-        return Routing(probs=probs, experts=top1_ids[:, None], weights=gate1[:, None].to(out_dtype), l_aux=l_aux)
+        return Routing(probs=probs, experts=top1_ids[:, None], weights=gate1[:, None].to(out_dtype),
+                       dispatch_mask=gate1[:, None] != 0, l_aux=l_aux)
 
     second_logits = logits
     if training and second_expert_policy == "sampling":
@@ -275,10 +300,12 @@ def task_gating(
         weight1, weight2 = gate1, gate2 * kept2
         denom = torch.clamp(weight1 + weight2, min=torch.finfo(weight1.dtype).eps)
         weight1, weight2 = weight1 / denom, weight2 / denom
+    weights = torch.stack([weight1, weight2], dim=1)
     return Routing(
         probs=probs,
         experts=torch.stack([top1_ids, top2_ids], dim=1),
-        weights=torch.stack([weight1, weight2], dim=1).to(out_dtype),
+        weights=weights.to(out_dtype),
+        dispatch_mask=weights != 0,
         l_aux=l_aux,
     )
 
@@ -290,11 +317,14 @@ def broadcast_routing(routing: Routing, tokens_per_sentence: int, padding_mask: 
     load-balancing loss stays the per-sentence one.
     """
     weights = routing.weights.repeat_interleave(tokens_per_sentence, dim=0)
+    dispatch_mask = routing.dispatch_mask.repeat_interleave(tokens_per_sentence, dim=0)
     if padding_mask is not None:
         weights = weights * (~padding_mask)[:, None].to(weights.dtype)
+        dispatch_mask = dispatch_mask & (~padding_mask)[:, None]
     return Routing(
         probs=routing.probs.repeat_interleave(tokens_per_sentence, dim=0),
         experts=routing.experts.repeat_interleave(tokens_per_sentence, dim=0),
         weights=weights,
+        dispatch_mask=dispatch_mask,
         l_aux=routing.l_aux,
     )

@@ -13,22 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from fairseq_moe_prune.moe.gate import Routing, broadcast_routing, task_gating, top1gating, top2gating
+from fairseq_moe_prune.moe.gate import GateOptions, Routing, broadcast_routing, task_gating, top1gating, top2gating
 from fairseq_moe_prune.moe.placement import RESIDENT
-
-
-@dataclass(frozen=True)
-class GateOptions:
-    """NLLB's gating flags, as named in its config (``moe_*``)."""
-
-    top1: bool = False
-    use_fp32: bool = False
-    second_expert_policy: str = "sampling"
-    normalize_gate_prob_before_dropping: bool = False
-    eval_capacity_token_fraction: float = 0.25
-    batch_prioritized_routing: bool = False
-    use_pad_mask: bool = False
-    skip_beta: float = 0.0  # dynamic skipping of the second expert (moe_skip_betas); 0: off
 
 
 class Gate(nn.Module):
@@ -121,7 +107,7 @@ class MoELayer(nn.Module):
 
     ``eom`` is NLLB's expert output masking: in training each (token, expert) output is zeroed
     with probability ``eom`` (no rescaling), at inference every output is scaled by ``1 - eom``.
-    After each forward ``l_aux`` holds the layer's load-balancing loss for the criterion.
+    The forward returns the output and the layer's load-balancing loss, as NLLB's ``MOELayer`` does.
     """
 
     def __init__(
@@ -140,7 +126,6 @@ class MoELayer(nn.Module):
             Expert(embed_dim, ffn_dim, activation_fn, activation_dropout) for _ in range(num_experts)
         )
         self.eom = eom
-        self.l_aux: Optional[Tensor] = None
         self.observer: Optional[RoutingObserver] = None
         self.placement = RESIDENT  # where the experts run (fairseq_moe_prune.moe.placement)
 
@@ -148,9 +133,11 @@ class MoELayer(nn.Module):
     def num_experts(self) -> int:
         return len(self.experts)
 
-    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None, task_states: Optional[Tensor] = None) -> Tensor:
-        """``x``: (batch, time, dim); ``padding_mask``: (batch, time), True at padding; ``task_states``
-        (batch, dim): each sentence's task embedding, given when the layer routes by task."""
+    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None,
+                task_states: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """(output, load-balancing loss) for ``x``: (batch, time, dim); ``padding_mask``: (batch, time),
+        True at padding; ``task_states`` (batch, dim): each sentence's task embedding, given when the
+        layer routes by task."""
         batch, time, dim = x.shape
         tokens = x.reshape(-1, dim)
         flat_padding = padding_mask.reshape(-1) if padding_mask is not None else None
@@ -159,20 +146,20 @@ class MoELayer(nn.Module):
             routing = self.gate(tokens, gate_padding)
         else:
             routing = self.gate.route_tasks(task_states, time, gate_padding)
-        self.l_aux = routing.l_aux
         combined, dispatch = self.dispatch_and_combine(tokens, routing, with_norms=self.observer is not None)
         if self.observer is not None:
             self.observer(self, routing, flat_padding, dispatch, tokens, combined)
-        return combined.reshape(batch, time, dim)
+        return combined.reshape(batch, time, dim), routing.l_aux
 
     def dispatch_and_combine(self, tokens: Tensor, routing: Routing, with_norms: bool = False) -> Tuple[Tensor, Dispatch]:
         """Run each expert once on the tokens routed to it and add up the weighted outputs."""
         top_k = routing.experts.shape[1]
         weights = routing.weights.reshape(-1)
-        # NLLB dispatches exactly where the combine weight is non-zero: the (token, choice) pairs with
-        # weight 0 get the key num_experts, so that one stable sort groups the others by expert, in
-        # token order, and leaves these last; one host sync reads the group sizes.
-        keys = routing.experts.reshape(-1).masked_fill(weights == 0, self.num_experts)
+        # NLLB dispatches exactly where the combine weight is non-zero before its cast to the input dtype
+        # (routing.dispatch_mask): the other (token, choice) pairs get the key num_experts, so that one
+        # stable sort groups the others by expert, in token order, and leaves these last; one host sync
+        # reads the group sizes.
+        keys = routing.experts.reshape(-1).masked_fill(~routing.dispatch_mask.reshape(-1), self.num_experts)
         keys, order = torch.sort(keys, stable=True)
         counts = torch.bincount(keys, minlength=self.num_experts + 1).tolist()
         routed = len(keys) - counts.pop()

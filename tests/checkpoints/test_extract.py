@@ -25,7 +25,7 @@ def test_folded_and_padded_ffn_equals_the_task_routed_layer(top1):
     padding = torch.zeros(4, 5, dtype=torch.bool)
     padding[1, :2] = True
     with torch.no_grad():
-        expected = layer(x, padding, task_embed[[1, 1, 1, 1]])
+        expected, _ = layer(x, padding, task_embed[[1, 1, 1, 1]])
         fold = task_fold(layer.gate.wg.weight, task_embed[1], options, eom=0.2)
         experts = [{name: p for name, p in layer.experts[e].named_parameters()} for e in fold.experts]
         ffn = pad_ffn(fold_ffn(experts, fold.factors), 48)

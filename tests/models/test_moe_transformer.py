@@ -80,11 +80,24 @@ def test_non_uniform_checkpoint_round_trips_with_no_extra_flag(tmp_path):
     assert torch.equal(before, logits(loaded, batch))
 
 
-def test_moe_model_trains_its_gates_through_the_criterion(tmp_path):
+def gshard_loss(gate_weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """GShard's load-balancing loss written out for every token of ``x``: E * sum_e(mean softmax_e * top-1 share_e)."""
+    probs = torch.softmax(x.reshape(-1, x.shape[-1]).float() @ gate_weight.float().T, dim=1)
+    num_experts = probs.shape[1]
+    shares = torch.nn.functional.one_hot(probs.argmax(dim=1), num_experts).float().mean(dim=0)
+    return num_experts * (probs.mean(dim=0) * shares).sum()
+
+
+@pytest.mark.parametrize("decoder_layerdrop", ["0", "1"])
+def test_moe_model_trains_its_gates_through_the_criterion(tmp_path, decoder_layerdrop):
+    """loss = cross-entropy + weight * sample_size * mean(GShard loss of each MoE layer that ran); with
+    decoder layerdrop 1 every decoder layer is skipped in training and its MoE adds nothing."""
     from fairseq.criterions import build_criterion
+    from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
 
     cfg, task, model = build_tiny_model(
-        tmp_path, "--criterion", "moe_label_smoothed_cross_entropy", "--moe-gate-loss-wt", "0.5"
+        tmp_path, "--criterion", "moe_label_smoothed_cross_entropy", "--moe-gate-loss-wt", "0.5",
+        "--label-smoothing", "0.1", "--dropout", "0", "--decoder-layerdrop", decoder_layerdrop,
     )
     criterion = build_criterion(cfg.criterion, task)
     src, lengths, prev = random_batch()
@@ -93,9 +106,23 @@ def test_moe_model_trains_its_gates_through_the_criterion(tmp_path):
         "target": torch.roll(prev, -1, dims=1),
         "ntokens": prev.numel(),
     }
+    logits(model, (src, lengths, prev))  # an eval forward first: every MoE layer runs once
+    gate_inputs = {}
+    hooks = [model.get_submodule(spec.prefix).register_forward_pre_hook(
+        lambda module, inputs, prefix=spec.prefix: gate_inputs.setdefault(prefix, inputs[0].detach()))
+        for spec in moe_layers(cfg.model)]
     model.train()
     loss, sample_size, log = criterion(model, sample)
-    expected_gate = sample_size * torch.stack([m.l_aux for m in model.moe_layers()]).mean()
+    for hook in hooks:
+        hook.remove()
+    ran = ["encoder.layers.1.moe_layer"] + (["decoder.layers.1.moe_layer"] if decoder_layerdrop == "0" else [])
+    assert sorted(gate_inputs) == sorted(ran)
+    expected_gate = sample_size * torch.stack(
+        [gshard_loss(model.get_submodule(prefix).gate.wg.weight, gate_inputs[prefix]) for prefix in ran]).mean()
+    stock = LabelSmoothedCrossEntropyCriterion(task, False, 0.1)
+    with torch.no_grad():
+        cross_entropy, _, _ = stock(model, sample)
     torch.testing.assert_close(log["moe_gate_loss"], expected_gate)
+    torch.testing.assert_close(loss.detach(), cross_entropy + 0.5 * expected_gate)
     loss.backward()
-    assert all(m.gate.wg.weight.grad.abs().sum() > 0 for m in model.moe_layers())
+    assert all(model.get_submodule(prefix).gate.wg.weight.grad.abs().sum() > 0 for prefix in ran)

@@ -29,17 +29,17 @@ def brute_force(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
 def test_dispatch_and_combine_equal_a_per_token_loop(top1):
     layer = make_layer(options=GateOptions(top1=top1, second_expert_policy="all", eval_capacity_token_fraction=1.0), eom=0.2).eval()
     x = torch.randn(3, 5, 8)
-    torch.testing.assert_close(layer(x), brute_force(layer, x))
+    torch.testing.assert_close(layer(x)[0], brute_force(layer, x))
 
 
 def test_experts_without_tokens_are_skipped_at_inference_and_run_in_training():
     layer = make_layer(num_experts=16).eval()
     x = torch.randn(1, 2, 8)  # 2 tokens reach at most 4 of the 16 experts
-    torch.testing.assert_close(layer(x), brute_force(layer, x))
-    assert layer(x[:, :0]).shape == (1, 0, 8)
+    torch.testing.assert_close(layer(x)[0], brute_force(layer, x))
+    assert layer(x[:, :0])[0].shape == (1, 0, 8)
 
     layer.train()
-    layer(x).sum().backward()
+    layer(x)[0].sum().backward()
     assert all(expert.fc1.weight.grad is not None for expert in layer.experts)
 
 
@@ -49,9 +49,9 @@ def test_copies_of_one_ffn_equal_that_dense_ffn_times_one_minus_eom():
         expert.load_state_dict(layer.experts[0].state_dict())
     x = torch.randn(4, 7, 8)
     dense = layer.experts[0](x)
-    torch.testing.assert_close(layer(x), dense * 0.8)
+    torch.testing.assert_close(layer(x)[0], dense * 0.8)
     layer.eom = 0.0
-    torch.testing.assert_close(layer(x), dense)
+    torch.testing.assert_close(layer(x)[0], dense)
 
 
 def test_eom_masks_whole_expert_outputs_in_training_without_rescaling():
@@ -61,7 +61,7 @@ def test_eom_masks_whole_expert_outputs_in_training_without_rescaling():
     layer.train()
     torch.manual_seed(1)
     x = torch.randn(1, 64, 8)  # 2 experts, 64 tokens: capacity 64 covers every assignment
-    out = layer(x)[0]
+    out = layer(x)[0][0]
     dense = layer.experts[0](x[0])
     weights = layer.gate(x[0], None).weights
     # each token keeps 0, 1 or both of its two expert outputs, never a rescaled one
@@ -78,17 +78,17 @@ def test_padding_mask_reaches_the_gate_only_with_use_pad_mask():
     layer.observer = lambda _layer, routing, padding, dispatch, inputs, outputs: seen.append(routing)
     x = torch.randn(2, 3, 8)
     padding = torch.tensor([[False, False, True], [False, True, True]])
-    out = layer(x, padding)
+    out, _ = layer(x, padding)
     assert seen[0].weights.reshape(2, 3, 2)[padding].eq(0).all()
     assert out[padding].eq(0).all()  # padding positions get no expert output
     assert out[~padding].ne(0).any()
 
 
-def test_l_aux_is_left_for_the_criterion_and_gradients_reach_the_gate():
+def test_l_aux_is_returned_for_the_criterion_and_gradients_reach_the_gate():
     layer = make_layer().train()
     x = torch.randn(2, 6, 8)
-    out = layer(x)
-    (out.sum() + layer.l_aux).backward()
+    out, l_aux = layer(x)
+    (out.sum() + l_aux).backward()
     assert layer.gate.wg.weight.grad is not None and layer.gate.wg.weight.grad.abs().sum() > 0
 
 
@@ -102,17 +102,17 @@ def test_skipping_layer_equals_first_expert_alone_where_the_rule_fires_and_never
     calls = []
     for expert in layer.experts:
         expert.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
-    out = layer(x).reshape(-1, 8)
+    out = layer(x)[0].reshape(-1, 8)
     ran = sum(calls)  # token rows the experts processed
     probs = torch.softmax(layer.gate.wg(tokens).float(), dim=1)
     top = probs.topk(2, dim=1)
     fires = top.values[:, 1] < beta * top.values[:, 0]
     with torch.no_grad():
-        expected = plain(x).reshape(-1, 8)
+        expected = plain(x)[0].reshape(-1, 8)
         for s in torch.nonzero(fires).squeeze(1).tolist():
             expected[s] = layer.experts[int(top.indices[s, 0])](tokens[s]) * 0.8
     if beta == 0.0:
-        assert torch.equal(out, plain(x).reshape(-1, 8))  # bit-identical to no skipping
+        assert torch.equal(out, plain(x)[0].reshape(-1, 8))  # bit-identical to no skipping
     torch.testing.assert_close(out, expected)
     assert ran == 2 * tokens.shape[0] - int(fires.sum())  # skipped experts never ran
 
