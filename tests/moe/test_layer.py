@@ -141,3 +141,25 @@ def test_expert_computes_what_its_modules_compute_and_drops_exactly_where_its_dr
             expert.activation_dropout.apply_during_inference = True
         assert torch.equal(forward(2), modules(2))
         assert not torch.equal(forward(2), kept)  # p = 0.5 on 80 units: something was dropped
+
+
+def test_dispatch_follows_the_fp32_weights_under_fp16():
+    """As NLLB's dispatch_mask: a second expert whose fp32 weight (about 2e-9) rounds to 0 in fp16 still runs,
+    with weight 0, so what is recorded as routed does not depend on the input dtype."""
+    layer = make_layer(num_experts=4).half().eval()  # gating in fp32, second expert always, no capacity limit
+    with torch.no_grad():
+        layer.gate.wg.weight.zero_()
+        layer.gate.wg.weight[:, 0] = torch.tensor([0.0, -20.0, -25.0, -25.0])
+    x = torch.zeros(1, 3, 8, dtype=torch.float16)
+    x[..., 0] = 1.0  # logits (0, -20, -25, -25): expert 1's probability is e^-20 of expert 0's
+    seen = []
+    layer.observer = lambda _layer, routing, padding, dispatch, inputs, outputs: seen.append((routing, dispatch))
+    with torch.no_grad():
+        out, _ = layer(x)
+    routing, dispatch = seen[0]
+    assert routing.weights.dtype == torch.float16 and routing.weights[:, 1].eq(0).all()
+    assert routing.dispatch_mask.all()
+    assert dispatch.experts.tolist() == [0, 0, 0, 1, 1, 1] and dispatch.token_ids.tolist() == [0, 1, 2, 0, 1, 2]
+    assert dispatch.weights[3:].eq(0).all()
+    with torch.no_grad():
+        torch.testing.assert_close(out[0], layer.experts[0](x[0]))
