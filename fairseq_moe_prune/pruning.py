@@ -27,6 +27,7 @@ from fairseq_moe_prune.checkpoints.surgery import (
     save_single,
     staged_directory,
 )
+from fairseq_moe_prune.fingerprint import weights_fingerprint
 from fairseq_moe_prune.models.layout import MoELayerSpec, config_value
 from fairseq_moe_prune.ranking import (
     Budget,
@@ -36,7 +37,6 @@ from fairseq_moe_prune.ranking import (
     select_fixed,
     select_threshold,
 )
-from fairseq_moe_prune.recording import gate_fingerprint
 from fairseq_moe_prune.stats import LayerCounts, MoEStats, StatsError
 
 GRANULARITIES = ("global", "pair", "language")
@@ -94,9 +94,7 @@ def choose(counts: Mapping[str, LayerCounts], specs: List[MoELayerSpec], options
 
 
 def check_stats_match(stats: MoEStats, checkpoint: MoECheckpoint) -> None:
-    weights = checkpoint.state["model"]
-    fingerprint = gate_fingerprint([weights[f"{s.prefix}.gate.wg.weight"] for s in checkpoint.specs], checkpoint.specs)
-    if stats.fingerprint != fingerprint:
+    if stats.fingerprint != weights_fingerprint(checkpoint.state["model"], checkpoint.specs):
         raise StatsError("the statistics come from another model (MoE layers or gate weights differ from the checkpoint)")
 
 
@@ -275,9 +273,7 @@ def write_outputs(checkpoint: MoECheckpoint, outputs: Mapping[str, Choice], per_
 
 def load_calibration(path: str, checkpoint: MoECheckpoint) -> "calibration_lib.Calibration":
     calibration = calibration_lib.load(path)
-    weights = checkpoint.state["model"]
-    fingerprint = gate_fingerprint([weights[f"{s.prefix}.gate.wg.weight"] for s in checkpoint.specs], checkpoint.specs)
-    if calibration.fingerprint != fingerprint:
+    if calibration.fingerprint != weights_fingerprint(checkpoint.state["model"], checkpoint.specs):
         raise StatsError("the calibration samples come from another model (MoE layers or gate weights differ from "
                          "the checkpoint)")
     return calibration

@@ -8,44 +8,22 @@ done, so a file written after an interruption covers exactly the finished batche
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fairseq_moe_prune.models.layout import MoELayerSpec, moe_layers
+from fairseq_moe_prune.fingerprint import gate_fingerprint, model_fingerprint, model_layout  # noqa: F401 (also ours)
 from fairseq_moe_prune.moe.gate import Routing
 from fairseq_moe_prune.moe.layer import Dispatch, MoELayer
 from fairseq_moe_prune.stats import (
     PROB_SCALE,
     REAP_SCALE,
-    Fingerprint,
     LayerCounts,
     MoEStats,
     PairStats,
 )
-
-
-def model_layout(model: torch.nn.Module) -> List[MoELayerSpec]:
-    """The MoE layers of a built model, from its config (legacy models keep it in ``args``)."""
-    config = getattr(model, "args", None) or getattr(model, "cfg", None)
-    return moe_layers(config)
-
-
-def gate_fingerprint(gate_weights: List[Tensor], specs: List[MoELayerSpec]) -> Fingerprint:
-    """Hash the gates as fp16 bytes, so fp32 and fp16 copies of one model agree."""
-    digest = hashlib.sha256()
-    for weight in gate_weights:
-        digest.update(weight.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
-    return Fingerprint([(spec.prefix, spec.num_experts) for spec in specs], digest.hexdigest())
-
-
-def model_fingerprint(model: torch.nn.Module) -> Fingerprint:
-    specs = model_layout(model)
-    weights = [model.get_submodule(spec.prefix).gate.wg.weight for spec in specs]
-    return gate_fingerprint(weights, specs)
 
 
 def routing_counts(routing: Routing, padding: Optional[Tensor], dispatch: Dispatch) -> List[Tensor]:

@@ -24,6 +24,7 @@ import numpy as np
 
 from fairseq_moe_prune.errors import FairseqMoEPruneError
 from fairseq_moe_prune.files import atomic_open
+from fairseq_moe_prune.models.layout import PREFIX_PATTERN, MoELayerSpec
 
 FORMAT = "fairseq-moe-prune/stats"
 VERSION = 4  # 2 added routed / reap_sum (REAP saliency); 3 added runs (identity and subset size); 4 added skipped
@@ -42,7 +43,6 @@ class StatsError(FairseqMoEPruneError, ValueError):
 
 LANGUAGE = re.compile(r"^[A-Za-z0-9_]{1,64}$")  # eng_Latn; a name from a file becomes part of a file name
 SUBSET = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-LAYER_PREFIX = re.compile(r"^(encoder|decoder)\.layers\.\d{1,4}\.moe_layer$")
 MAX_COUNT = 2**63 - 1  # counts are int64
 
 
@@ -138,6 +138,11 @@ class Fingerprint:
     layers: List[Tuple[str, int]]  # (prefix, experts) in layout order
     gate_sha256: str
 
+    @property
+    def specs(self) -> List[MoELayerSpec]:
+        """The MoE layers, in layout order."""
+        return [MoELayerSpec.from_prefix(prefix, count) for prefix, count in self.layers]
+
     def to_json(self) -> Dict[str, Any]:
         return {"moe_layers": [[prefix, count] for prefix, count in self.layers], "gate_sha256": self.gate_sha256}
 
@@ -148,7 +153,7 @@ class Fingerprint:
             raise StatsError("model.moe_layers must list the MoE layers")
         for entry in layers:
             if (not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str)
-                    or not LAYER_PREFIX.match(entry[0]) or type(entry[1]) is not int or not 1 <= entry[1] <= 2**20):
+                    or not PREFIX_PATTERN.match(entry[0]) or type(entry[1]) is not int or not 1 <= entry[1] <= 2**20):
                 raise StatsError(f"model.moe_layers: {str(entry)[:60]} is not [layer prefix, experts]")
         if len({prefix for prefix, _ in layers}) != len(layers):
             raise StatsError("model.moe_layers lists a layer twice")
@@ -354,7 +359,7 @@ def by_language(stats: MoEStats) -> Dict[str, Dict[str, LayerCounts]]:
     for pair, pair_stats in sorted(stats.pairs.items()):
         source, target = split_pair(pair)
         for prefix, counts in pair_stats.layers.items():
-            language = source if prefix.startswith("encoder.") else target
+            language = source if MoELayerSpec.from_prefix(prefix, counts.num_experts).side == "encoder" else target
             layers = view.setdefault(language, {})
             layers[prefix] = layers[prefix] + counts if prefix in layers else counts
     return view

@@ -27,7 +27,7 @@ from fairseq_moe_prune import calibration  # noqa: E402
 from fairseq_moe_prune.models.layout import moe_layers  # noqa: E402
 from fairseq_moe_prune.moe.layer import GateOptions, MoELayer  # noqa: E402
 from fairseq_moe_prune.pruning import PruneOptions, prune  # noqa: E402
-from fairseq_moe_prune.recording import gate_fingerprint  # noqa: E402
+from fairseq_moe_prune.fingerprint import gate_fingerprint  # noqa: E402
 
 
 def build(work: Path, dim: int, ffn: int, experts: int, tokens: int, seed: int) -> None:

@@ -135,7 +135,7 @@ def tiny_checkpoint_with_stats(folder: Path, pairs: Sequence[str] = ("src-tgt", 
     import numpy as np
 
     from fairseq_moe_prune import stats
-    from fairseq_moe_prune.recording import model_fingerprint
+    from fairseq_moe_prune.fingerprint import model_fingerprint
 
     cfg, _, model = build_tiny_model(folder / "data")
     save_like_trainer(cfg, model, folder / "model.pt")

@@ -20,6 +20,7 @@ from sweep import mean, metrics  # noqa: E402
 
 from fairseq_moe_prune import stats as stats_lib  # noqa: E402
 from fairseq_moe_prune.files import atomic_open  # noqa: E402
+from fairseq_moe_prune.models.layout import MoELayerSpec  # noqa: E402
 from fairseq_moe_prune.significance import SAMPLES, Interval, difference, resample_many, seed_for  # noqa: E402
 
 BEST = "importance per language"
@@ -92,15 +93,16 @@ def specificity(shares: np.ndarray) -> float:
     return float(np.mean([entropy((row + average) / 2) - (entropy(row) + entropy(average)) / 2 for row in shares]))
 
 
-def plot_heatmaps(statistics: stats_lib.MoEStats, prefixes: List[str], path: Path) -> Dict[str, float]:
-    figure, axes = plt.subplots(len(prefixes), 1, figsize=(8, 2.2 + 2.2 * len(prefixes)))
+def plot_heatmaps(statistics: stats_lib.MoEStats, specs: List[MoELayerSpec], path: Path) -> Dict[str, float]:
+    figure, axes = plt.subplots(len(specs), 1, figsize=(8, 2.2 + 2.2 * len(specs)))
     found = {}
-    for ax, prefix in zip(np.atleast_1d(axes), prefixes):
+    for ax, spec in zip(np.atleast_1d(axes), specs):
+        prefix = spec.prefix
         languages, shares = usage(statistics, prefix)
         image = ax.imshow(shares, aspect="auto", cmap="viridis")
         ax.set_yticks(range(len(languages)), languages, fontsize=8)
         ax.set_xlabel("expert")
-        side = "source" if prefix.startswith("encoder") else "target"
+        side = "source" if spec.side == "encoder" else "target"
         found[prefix] = specificity(shares)
         ax.set_title(f"{prefix}: share of each {side} language's tokens routed first to each expert "
                      f"(JS specificity {found[prefix]:.2f})", fontsize=9)
@@ -171,7 +173,7 @@ def plot_task_routing(usage: Dict[str, dict], path: Path) -> None:
         image = ax.imshow(np.array(layer["weights"]), aspect="auto", cmap="viridis", vmin=0, vmax=1)
         ax.set_yticks(range(len(layer["languages"])), layer["languages"], fontsize=8)
         ax.set_xlabel("expert")
-        side = "source" if prefix.startswith("encoder") else "target"
+        side = "source" if MoELayerSpec.from_prefix(prefix, len(layer["weights"][0])).side == "encoder" else "target"
         ax.set_title(f"task-MoE {prefix}: combine weight of each expert for every token of a {side} language",
                      fontsize=9)
         figure.colorbar(image, ax=ax, fraction=0.03)
@@ -227,9 +229,9 @@ def write_report(work: Path, results: Dict[str, dict], statistics_path: Path, se
     """``references`` (direction -> test references) add 95% intervals to every compared number."""
     noise = Noise(results, references, workers) if references is not None else None
     statistics = stats_lib.load(str(statistics_path))
-    layers = list(next(iter(statistics.pairs.values())).layers)
-    encoder = next(p for p in layers if p.startswith("encoder"))
-    decoder = [p for p in layers if p.startswith("decoder")][-1]
+    specs = statistics.fingerprint.specs
+    encoder = next(spec for spec in specs if spec.side == "encoder")  # the first MoE layer and the last
+    decoder = [spec for spec in specs if spec.side == "decoder"][-1]
     plot_quality(results, work / "quality_vs_pruning.png")
     plot_size(results, work / "size_vs_quality.png")
     found = plot_heatmaps(statistics, [encoder, decoder], work / "expert_usage.png")

@@ -112,7 +112,7 @@ class Sweep:
         self.calibration = calibration if calibration is not None and calibration.exists() else None
         self.directions, self.ratio, self.log = list(directions), ratio, log
         self.references = {direction: references(direction) for direction in self.directions}
-        self.moe_layers = len(next(iter(stats_lib.load(str(statistics)).pairs.values())).layers)
+        self.moe_layers = len(stats_lib.load(str(statistics)).fingerprint.specs)
         self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=start_worker, initargs=(list(generate_args),))
         self.results_path = work / "sweep.json"

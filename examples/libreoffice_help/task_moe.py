@@ -63,7 +63,7 @@ def task_routing_usage(checkpoint: str) -> Dict[str, Tuple[List[str], np.ndarray
         rows = np.zeros((len(languages), spec.num_experts))
         for i, language in enumerate(languages):
             task = space.langs.index(language)
-            fold = task_fold(weights[f"{spec.prefix}.gate.wg.weight"], weights[f"{spec.side}.moe_task_embed.weight"][task],
+            fold = task_fold(weights[spec.gate_key], weights[f"{spec.side}.moe_task_embed.weight"][task],
                              options, eom=0.0)
             rows[i, fold.experts] = fold.factors
         usage[spec.prefix] = (languages, rows)

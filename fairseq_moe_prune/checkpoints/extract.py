@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fairseq_moe_prune.checkpoints.layouts import MoECheckpoint, open_checkpoint
+from fairseq_moe_prune.checkpoints.layouts import MoECheckpoint, is_expert_key, open_checkpoint
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
 from fairseq_moe_prune.checkpoints.streaming import Entry, materialize
 from fairseq_moe_prune.checkpoints.surgery import PrunedCheckpoint, save_single, staged_directory
 from fairseq_moe_prune.files import atomic_open
-from fairseq_moe_prune.models.layout import MoEConfigError, MoELayerSpec, config_value
+from fairseq_moe_prune.models.layout import MoEConfigError, MoELayerSpec, config_value, gate_layer
 from fairseq_moe_prune.models.task_routing import TaskSpace, routes_by_task, split_pair, task_routing
 from fairseq_moe_prune.moe.gate import task_gating
 from fairseq_moe_prune.moe.layer import GateOptions
@@ -206,7 +206,7 @@ def extract_task(checkpoint: MoECheckpoint, source: Optional[str], target: str, 
         if spec.prefix in kept_prefixes:
             continue
         task = space.task_id(spec.side, source, target)
-        fold = task_fold(weights[f"{spec.prefix}.gate.wg.weight"], weights[f"{spec.side}.moe_task_embed.weight"][task],
+        fold = task_fold(weights[spec.gate_key], weights[f"{spec.side}.moe_task_embed.weight"][task],
                          options, eom)
         experts = {expert: materialize(tensors) for _, expert, tensors in checkpoint.experts({spec.prefix: fold.experts})}
         folds[spec.prefix] = fold
@@ -225,21 +225,26 @@ def extract_task(checkpoint: MoECheckpoint, source: Optional[str], target: str, 
 
     model: Dict[str, Entry] = {}
     zero_padding = 0
+    specs = {spec.prefix: spec for spec in checkpoint.specs}
     for key, value in weights.items():
-        match = re.match(r"^((?:en|de)coder\.layers\.\d+)\.(fc1\.weight|moe_layer\.gate\.wg\.weight)$", key)
-        if key.endswith(".moe_task_embed.weight") or re.search(r"\.moe_layer\.experts\.\d+\.", key):
+        if key.endswith(".moe_task_embed.weight") or is_expert_key(key):
             continue
-        if match is None:
+        match = re.match(r"^((?:en|de)coder\.layers\.\d+)\.fc1\.weight$", key)
+        gate = gate_layer(key)
+        if gate is not None and gate not in specs:
+            raise ExtractError(f"{checkpoint.path}: {key} is the gate of no MoE layer of the model config")
+        if match is None and gate is None:
             if not re.match(r"^(?:en|de)coder\.layers\.\d+\.fc[12]\.(weight|bias)$", key):
                 model[key] = value
             continue
-        layer, side = match.group(1), match.group(1).split(".")[0]
-        if f"{layer}.moe_layer" in kept_prefixes:  # a token-routed MoE layer: kept whole
-            spec = next(s for s in kept if s.prefix == f"{layer}.moe_layer")
+        layer = match.group(1) if gate is None else f"{specs[gate].side}.layers.{specs[gate].layer}"
+        side = layer.split(".")[0]
+        if gate in kept_prefixes:  # a token-routed MoE layer: kept whole
+            spec = specs[gate]
             model[key] = value
             for _, expert, tensors in checkpoint.experts({spec.prefix: list(range(spec.num_experts))}):
                 for name, tensor in tensors.items():
-                    model[f"{spec.prefix}.experts.{expert}.{name}"] = tensor
+                    model[spec.expert_key(expert, name)] = tensor
             continue
         ffn = ffns[layer]
         width, dim = ffn["fc1.weight"].shape

@@ -32,11 +32,18 @@ from fairseq_moe_prune.checkpoints.streaming import Entry, SourceTensor, materia
 from fairseq_moe_prune.checkpoints.surgery import PrunedCheckpoint
 from fairseq_moe_prune.files import umask
 from fairseq_moe_prune.models.layout import (
+    EXPERT_WEIGHTS,
+    LAYER_PREFIX,
     MoEConfigError,
     config_value,
+    expert_key,
+    gate_key,
     moe_freq,
     moe_layers,
 )
+
+# An MoE layer's prefix with the table's placeholders: our names of its weights come from models/layout.py
+_MOE_LAYER = LAYER_PREFIX.format(side="{side}", layer="{i}")
 
 # One table for both directions: the fairseq name and the HF name of every weight.
 KEY_TABLE: List[Tuple[str, str]] = [
@@ -47,8 +54,8 @@ KEY_TABLE: List[Tuple[str, str]] = [
     ("decoder.layers.{i}.encoder_attn_layer_norm.{p}", "model.decoder.layers.{i}.cross_attention_layer_norm.{p}"),
     ("{side}.layers.{i}.{fc}.{p}", "model.{side}.layers.{i}.ffn.{fc}.{p}"),
     ("{side}.layers.{i}.final_layer_norm.{p}", "model.{side}.layers.{i}.ff_layer_norm.{p}"),
-    ("{side}.layers.{i}.moe_layer.gate.wg.weight", "model.{side}.layers.{i}.ffn.router.classifier.weight"),
-    ("{side}.layers.{i}.moe_layer.experts.{j}.{fc}.{p}", "model.{side}.layers.{i}.ffn.experts.expert_{j}.{fc}.{p}"),
+    (gate_key(_MOE_LAYER), "model.{side}.layers.{i}.ffn.router.classifier.weight"),
+    (expert_key(_MOE_LAYER, "{j}", "{fc}.{p}"), "model.{side}.layers.{i}.ffn.experts.expert_{j}.{fc}.{p}"),
     ("{side}.layer_norm.{p}", "model.{side}.layer_norm.{p}"),
 ]
 PLACEHOLDERS = {"side": "encoder|decoder", "i": r"\d+", "j": r"\d+", "fc": "fc1|fc2",
@@ -391,15 +398,14 @@ def _check_complete(model: Mapping[str, Entry], config: Any, folder: str) -> Non
     except MoEConfigError as error:
         raise CheckpointError(f"{folder}: {error}") from None
     for spec in specs:
-        gate = model.get(f"{spec.prefix}.gate.wg.weight")
+        gate = model.get(spec.gate_key)
         if gate is None or gate.shape[0] != spec.num_experts:
-            raise CheckpointError(f"{folder}: {rename(spec.prefix + '.gate.wg.weight', 'hf')} is missing or does "
+            raise CheckpointError(f"{folder}: {rename(spec.gate_key, 'hf')} is missing or does "
                                   f"not have one row for each of the {spec.num_experts} experts")
         for expert in range(spec.num_experts):
-            for name in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
-                if f"{spec.prefix}.experts.{expert}.{name}" not in model:
-                    raise CheckpointError(f"{folder}: missing "
-                                          f"{rename(f'{spec.prefix}.experts.{expert}.{name}', 'hf')}")
+            for name in EXPERT_WEIGHTS:
+                if spec.expert_key(expert, name) not in model:
+                    raise CheckpointError(f"{folder}: missing {rename(spec.expert_key(expert, name), 'hf')}")
 
 
 def parse_size(text: str) -> int:

@@ -17,10 +17,16 @@ from torch import Tensor
 
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
 from fairseq_moe_prune.checkpoints.streaming import Entry, RecordCRCs, SourceTensor, load_mapped, meta_weights
-from fairseq_moe_prune.models.layout import MoEConfigError, MoELayerSpec, moe_layers
+from fairseq_moe_prune.models.layout import (
+    MoEConfigError,
+    MoELayerSpec,
+    expert_head,
+    expert_key,
+    moe_layers,
+    split_expert_key,
+)
 
 SHARED_SUFFIX = "-shared.pt"
-EXPERT_KEY = re.compile(r"^(?P<prefix>.+\.moe_layer)\.experts\.(?P<expert>\d+)\.(?P<name>.+)$")
 
 
 def model_config(state: Mapping[str, Any]) -> Any:
@@ -34,7 +40,7 @@ def model_config(state: Mapping[str, Any]) -> Any:
 
 
 def is_expert_key(key: str) -> bool:
-    return EXPERT_KEY.match(key) is not None
+    return split_expert_key(key) is not None
 
 
 def rank_paths(shared_path: str) -> List[str]:
@@ -91,7 +97,7 @@ class MoECheckpoint:
             for expert in ids:
                 rank, local = divmod(expert, per_rank[prefix])
                 yield prefix, expert, {
-                    name: SourceTensor(self.ranks[rank], f"{prefix}.experts.{local}.{name}", shape, dtype)
+                    name: SourceTensor(self.ranks[rank], expert_key(prefix, local, name), shape, dtype)
                     for name, (shape, dtype) in shapes[prefix].items()
                 }
 
@@ -108,7 +114,7 @@ class MoECheckpoint:
 
 
 def expert_tensors(weights: Mapping[str, Tensor], prefix: str, expert: int, path: str) -> Dict[str, Tensor]:
-    head = f"{prefix}.experts.{expert}."
+    head = expert_head(prefix, expert)
     tensors = {key[len(head):]: value for key, value in weights.items() if key.startswith(head)}
     if not tensors:
         raise CheckpointError(f"{path}: missing {head}* (truncated or mismatched checkpoint?)")
@@ -136,9 +142,9 @@ def open_checkpoint(path: str) -> MoECheckpoint:
 def check_gates(path: str, weights: Mapping[str, Tensor], specs: List[MoELayerSpec]) -> None:
     """Each MoE layer's gate has one row per expert of the config."""
     for spec in specs:
-        gate = weights.get(f"{spec.prefix}.gate.wg.weight")
+        gate = weights.get(spec.gate_key)
         if not isinstance(gate, Tensor) or gate.dim() != 2:
-            raise CheckpointError(f"{path}: missing {spec.prefix}.gate.wg.weight")
+            raise CheckpointError(f"{path}: missing {spec.gate_key}")
         if gate.shape[0] != spec.num_experts:
             raise CheckpointError(
                 f"{path}: {spec.prefix} has {spec.num_experts} experts in the config but {gate.shape[0]} gate rows"

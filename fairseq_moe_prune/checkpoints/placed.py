@@ -19,16 +19,16 @@ from __future__ import annotations
 from typing import Any, Dict, Mapping, Optional
 
 from fairseq_moe_prune.checkpoints.layouts import (
-    EXPERT_KEY,
     SHARED_SUFFIX,
     MoECheckpoint,
     check_gates,
     expert_tensors,
+    is_expert_key,
     model_config,
     rank_paths,
 )
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError, load_checkpoint
-from fairseq_moe_prune.models.layout import moe_layers
+from fairseq_moe_prune.models.layout import moe_layers, split_expert_key
 from fairseq_moe_prune.moe.placement import check_placement
 
 PLACEMENT_FIELDS = ("moe_expert_offload", "moe_expert_devices")
@@ -72,7 +72,7 @@ def add_rank_experts(path: str, state: Dict[str, Any], checkpoint: MoECheckpoint
         for spec in checkpoint.specs:
             for local in range(per_rank[spec.prefix]):
                 for name, tensor in expert_tensors(weights, spec.prefix, local, rank_path).items():
-                    model[f"{spec.prefix}.experts.{rank * per_rank[spec.prefix] + local}.{name}"] = tensor
+                    model[spec.expert_key(rank * per_rank[spec.prefix] + local, name)] = tensor
 
 
 def check_experts(path: str, weights: Mapping[str, Any], specs) -> None:
@@ -80,21 +80,21 @@ def check_experts(path: str, weights: Mapping[str, Any], specs) -> None:
     counts = {spec.prefix: spec.num_experts for spec in specs}
     names: Dict[str, set] = {}
     for key in weights:
-        match = EXPERT_KEY.match(key)
-        if match is None:
+        parts = split_expert_key(key)
+        if parts is None:
             continue
-        prefix, expert = match.group("prefix"), int(match.group("expert"))
+        prefix, expert, name = parts
         if prefix not in counts:
             raise CheckpointError(f"{path}: {key} belongs to no MoE layer of the model's config")
         if expert >= counts[prefix]:
             raise CheckpointError(f"{path}: {prefix} has expert {expert} but the config gives it "
                                   f"{counts[prefix]} experts")
-        names.setdefault(prefix, set()).add(match.group("name"))
+        names.setdefault(prefix, set()).add(name)
     for spec in specs:
         for expert in range(spec.num_experts):
             for name in names.get(spec.prefix, {"fc1.weight"}):
-                if f"{spec.prefix}.experts.{expert}.{name}" not in weights:
-                    raise CheckpointError(f"{path}: missing {spec.prefix}.experts.{expert}.{name} "
+                if spec.expert_key(expert, name) not in weights:
+                    raise CheckpointError(f"{path}: missing {spec.expert_key(expert, name)} "
                                           f"(the config gives the layer {spec.num_experts} experts)")
 
 
@@ -112,7 +112,7 @@ def load_checkpoint_to_cpu(path: str, arg_overrides: Optional[Mapping[str, Any]]
     check_placement(config, specs)
     check_gates(path, state["model"], specs)
     if ranks is not None:
-        if any(EXPERT_KEY.match(key) for key in state["model"]):
+        if any(is_expert_key(key) for key in state["model"]):
             raise CheckpointError(f"{path}: a shared file should hold no experts (they live in the rank files)")
         add_rank_experts(path, state, MoECheckpoint(path, state, specs, ranks))
     check_experts(path, state["model"], specs)

@@ -17,15 +17,11 @@ from typing import Any, Dict, Iterator, List, Mapping
 
 import torch
 
-from fairseq_moe_prune.checkpoints.layouts import (
-    EXPERT_KEY,
-    SHARED_SUFFIX,
-    MoECheckpoint,
-)
+from fairseq_moe_prune.checkpoints.layouts import SHARED_SUFFIX, MoECheckpoint, is_expert_key
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
 from fairseq_moe_prune.checkpoints.streaming import Entry, RecordCRCs, check_crc, save_streaming
 from fairseq_moe_prune.files import make_folder, own_entries, owner, remove_leftovers, signals_held, umask
-from fairseq_moe_prune.models.layout import MoELayerSpec, format_counts
+from fairseq_moe_prune.models.layout import MoELayerSpec, expert_key, format_counts, gate_layer, split_expert_key
 
 
 def pruned_config(config: Any, specs: List[MoELayerSpec], kept: Mapping[str, List[int]]) -> Any:
@@ -72,15 +68,17 @@ def prune_checkpoint(checkpoint: MoECheckpoint, kept: Mapping[str, List[int]]) -
 
     model: Dict[str, Entry] = {}
     for key, value in checkpoint.dense_weights().items():
-        if not key.endswith(".moe_layer.gate.wg.weight"):
+        prefix = gate_layer(key)
+        if prefix is None:
             model[key] = value
             continue
-        prefix = key[: -len(".gate.wg.weight")]
+        if prefix not in kept:
+            raise CheckpointError(f"{checkpoint.path}: {key} is the gate of no MoE layer of the model config")
         check_crc(value, checkpoint.records, set())  # the gate is written as a slice, a new tensor
         model[key] = value[torch.tensor(kept[prefix])]
         for new_id, old_id in enumerate(kept[prefix]):
             for name, tensor in experts[prefix][old_id].items():
-                model[f"{prefix}.experts.{new_id}.{name}"] = tensor
+                model[expert_key(prefix, new_id, name)] = tensor
 
     state = {k: v for k, v in checkpoint.state.items() if k not in ("model", "last_optimizer_state")}
     config = pruned_config(checkpoint.config, checkpoint.specs, kept)
@@ -106,15 +104,15 @@ def save_sharded(pruned: PrunedCheckpoint, shared_path: str, fp16: bool = False)
     ranks: Dict[int, Dict[str, Entry]] = {}
     counts: Dict[str, int] = {}
     for key, value in pruned.model.items():
-        match = EXPERT_KEY.match(key)
-        if match:
-            expert = int(match.group("expert"))
-            ranks.setdefault(expert, {})[f"{match.group('prefix')}.experts.0.{match.group('name')}"] = value
-            counts[match.group("prefix")] = max(counts.get(match.group("prefix"), 0), expert + 1)
+        parts = split_expert_key(key)
+        if parts is not None:
+            prefix, expert, name = parts
+            ranks.setdefault(expert, {})[expert_key(prefix, 0, name)] = value
+            counts[prefix] = max(counts.get(prefix, 0), expert + 1)
     if len(set(counts.values())) != 1:
         raise CheckpointError("the sharded layout needs the same number of experts in every MoE layer")
     dtype = torch.float16 if fp16 else None
-    shared = {k: v for k, v in pruned.model.items() if not EXPERT_KEY.match(k)}
+    shared = {k: v for k, v in pruned.model.items() if not is_expert_key(k)}
     base = shared_path[: -len(SHARED_SUFFIX)]
     paths = [shared_path] + [f"{base}-rank-{rank}.pt" for rank in sorted(ranks)]
     save_streaming(pruned.state, shared, shared_path, dtype, pruned.records)

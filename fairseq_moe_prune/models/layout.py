@@ -2,17 +2,30 @@
 
 The recorder, the statistics fingerprint, checkpoint surgery and converters all ask this module
 which layers are MoE layers, in which order, under which state-dict prefix, with how many
-experts, so that a checkpoint can be understood without building the model.
+experts, so that a checkpoint can be understood without building the model. The state-dict
+names of an MoE layer's weights (NLLB's: ``gate.wg.weight``, ``experts.{j}.fc1/fc2``) are spelled
+here and nowhere else.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 from fairseq_moe_prune.errors import FairseqMoEPruneError
 
 SIDES = ("encoder", "decoder")
+
+# State-dict names of an MoE layer's weights (NLLB's); LAYER_PREFIX also takes placeholders (checkpoints/hf.py)
+LAYER_PREFIX = "{side}.layers.{layer}.moe_layer"
+GATE_WEIGHT = "gate.wg.weight"  # within the layer
+EXPERT_TENSOR = "experts.{expert}.{name}"  # within the layer
+EXPERT_WEIGHTS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")  # the names of one expert's tensors
+# a prefix read from a file (statistics, calibration samples): at most 4 digits of layer index
+PREFIX_PATTERN = re.compile(r"^(?P<side>encoder|decoder)\.layers\.(?P<layer>\d{1,4})\.moe_layer$")
+GATE_KEY_PATTERN = re.compile(r"^(?P<prefix>.+\.moe_layer)\." + re.escape(GATE_WEIGHT) + "$")
+EXPERT_KEY_PATTERN = re.compile(r"^(?P<prefix>.+\.moe_layer)\.experts\.(?P<expert>\d+)\.(?P<name>.+)$")
 
 
 class MoEConfigError(FairseqMoEPruneError, ValueError):
@@ -28,12 +41,58 @@ class MoELayerSpec:
     @property
     def prefix(self) -> str:
         """State-dict prefix of this MoE block, e.g. ``encoder.layers.3.moe_layer``."""
-        return f"{self.side}.layers.{self.layer}.moe_layer"
+        return LAYER_PREFIX.format(side=self.side, layer=self.layer)
 
     @property
     def name(self) -> str:
         """Short human name, e.g. ``enc3``."""
         return f"{self.side[:3]}{self.layer}"
+
+    @property
+    def gate_key(self) -> str:
+        """State-dict name of the gate's weight, e.g. ``encoder.layers.3.moe_layer.gate.wg.weight``."""
+        return gate_key(self.prefix)
+
+    def expert_key(self, expert: int, name: str) -> str:
+        """State-dict name of tensor ``name`` (e.g. ``fc1.weight``) of expert ``expert``."""
+        return expert_key(self.prefix, expert, name)
+
+    @classmethod
+    def from_prefix(cls, prefix: str, num_experts: int) -> "MoELayerSpec":
+        """The layer a prefix read from a file names; a one-line error for anything else."""
+        match = PREFIX_PATTERN.match(prefix) if isinstance(prefix, str) else None
+        if match is None:
+            raise MoEConfigError(f"{str(prefix)[:60]!r} is not an MoE layer prefix (e.g. encoder.layers.3.moe_layer)")
+        return cls(match.group("side"), int(match.group("layer")), num_experts)
+
+
+def gate_key(prefix: str) -> str:
+    """The gate weight's name in the MoE layer at ``prefix``."""
+    return f"{prefix}.{GATE_WEIGHT}"
+
+
+def expert_key(prefix: str, expert: int, name: str) -> str:
+    """The name of tensor ``name`` of expert ``expert`` in the MoE layer at ``prefix``."""
+    return f"{prefix}.{EXPERT_TENSOR.format(expert=expert, name=name)}"
+
+
+def expert_head(prefix: str, expert: int) -> str:
+    """What the names of every tensor of expert ``expert`` of the layer at ``prefix`` start with."""
+    return expert_key(prefix, expert, "")
+
+
+def split_expert_key(key: str) -> Optional[Tuple[str, int, str]]:
+    """``(layer prefix, expert, tensor name)`` of an expert's weight, or None for any other key."""
+    match = EXPERT_KEY_PATTERN.match(key)
+    if match is None:
+        return None
+    return match.group("prefix"), int(match.group("expert")), match.group("name")
+
+
+def gate_layer(key: str) -> Optional[str]:
+    """The layer prefix of a gate weight's name, or None for any other key."""
+    match = GATE_KEY_PATTERN.match(key)
+    return match.group("prefix") if match else None
 
 
 def config_value(cfg: Any, name: str, default: Any = None) -> Any:
