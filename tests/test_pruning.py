@@ -19,7 +19,7 @@ from fairseq_moe_prune.checkpoints.surgery import (
 )
 from fairseq_moe_prune.pruning import PruneOptions, prune
 from fairseq_moe_prune.ranking import SelectionError
-from tests.helpers import build_tiny_model, logits, random_batch, save_like_trainer
+from tests.helpers import build_tiny_model, logits, random_batch, save_like_trainer, tiny_checkpoint_with_stats
 
 EXPERTS = 16
 ENC, DEC = "encoder.layers.1.moe_layer", "decoder.layers.1.moe_layer"
@@ -193,3 +193,14 @@ def test_missing_and_truncated_shards_are_named(recorded):
     os.unlink(paths[5])
     with pytest.raises(CheckpointError, match="missing shard .*ck-rank-4.pt"):
         open_checkpoint(paths[0])
+
+
+def test_a_gate_of_no_moe_layer_is_a_one_line_error(tmp_path):
+    """Surgery slices each MoE layer's gate: a gate weight of a layer the config has no MoE layer for is named."""
+    model_path, _ = tiny_checkpoint_with_stats(tmp_path)
+    checkpoint = open_checkpoint(str(model_path))
+    stray = "encoder.layers.0.moe_layer.gate.wg.weight"
+    checkpoint.state["model"][stray] = torch.zeros(4, 8)
+    every = {spec.prefix: list(range(spec.num_experts)) for spec in checkpoint.specs}
+    with pytest.raises(CheckpointError, match=f"{stray} is the gate of no MoE layer of the model config"):
+        prune_checkpoint(checkpoint, every)
