@@ -10,7 +10,6 @@ from typing import List, Optional
 
 from fairseq_moe_prune import stats
 from fairseq_moe_prune.errors import FairseqMoEPruneError
-from fairseq_moe_prune.ranking import SelectionError
 
 
 class Terminated(BaseException):
@@ -59,14 +58,6 @@ def cmd_prune(args: argparse.Namespace) -> None:
         min_per_layer=args.min_per_layer, directions=args.directions.split(",") if args.directions else None,
         fp16=args.fp16, sharded=args.sharded, seed=args.seed, skip_beta=args.skip_beta, beam=args.beam,
     )
-    if options.selection == "fixed" and args.threshold is not None:
-        raise SelectionError("--threshold goes with --selection threshold")
-    if options.prune_fraction is None and options.keep is None and options.threshold is None and not args.experts_json:
-        raise SelectionError("give a budget: --prune-fraction, --keep or (with --selection threshold) --threshold")
-    if not (args.stats or args.experts_json or args.calibration):
-        raise SelectionError("give --stats, --calibration (with --metric reconstruction) or --experts-json")
-    if args.beam < 1:
-        raise SelectionError(f"--beam must be at least 1, got {args.beam}")
     manifest = prune(args.checkpoint, args.out, options, stats_path=args.stats,
                      experts_json_in=args.experts_json, force=args.force, calibration_path=args.calibration)
     for name, output in manifest["outputs"].items():

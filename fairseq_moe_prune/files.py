@@ -18,6 +18,8 @@ import socket
 import tempfile
 from typing import IO, Iterator, List
 
+from fairseq_moe_prune.errors import FairseqMoEPruneError
+
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 LEFTOVER = re.compile(r"^\.(tmp|staging)-([0-9a-f]{8})-(\d+)-")
 
@@ -50,6 +52,16 @@ def remove_leftovers(directory: str) -> None:
             else:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
+
+
+class OutputExistsError(FairseqMoEPruneError):
+    """An output already exists and ``--force`` was not given."""
+
+
+def refuse_existing(path: str, force: bool) -> None:
+    """An existing output is replaced only with ``force``; without it, a one-line error."""
+    if os.path.exists(path) and not force:
+        raise OutputExistsError(f"{path} exists (use --force to replace it)")
 
 
 def make_folder(directory: str) -> None:

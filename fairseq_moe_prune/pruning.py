@@ -194,10 +194,24 @@ def uniform_count(specs: List[MoELayerSpec]) -> int:
     return counts.pop()
 
 
+def check_request(options: PruneOptions, stats_path: Optional[str], experts_json_in: Optional[str],
+                  calibration_path: Optional[str]) -> None:
+    """Refuse options that do not go together, before anything is read."""
+    if options.selection == "fixed" and options.threshold is not None:
+        raise SelectionError("--threshold goes with --selection threshold")
+    if options.prune_fraction is None and options.keep is None and options.threshold is None and not experts_json_in:
+        raise SelectionError("give a budget: --prune-fraction, --keep or (with --selection threshold) --threshold")
+    if not (stats_path or experts_json_in or calibration_path):
+        raise SelectionError("give --stats, --calibration (with --metric reconstruction) or --experts-json")
+    if options.beam < 1:
+        raise SelectionError(f"--beam must be at least 1, got {options.beam}")
+
+
 def prune(checkpoint_path: str, out_dir: str, options: PruneOptions, stats_path: Optional[str] = None,
           experts_json_in: Optional[str] = None, force: bool = False,
           calibration_path: Optional[str] = None) -> Dict[str, object]:
     """Write one pruned checkpoint per target into ``out_dir`` (created whole, or not at all)."""
+    check_request(options, stats_path, experts_json_in, calibration_path)
     inputs = [checkpoint_path, *(path for path in (stats_path, experts_json_in, calibration_path) if path)]
     check_output(out_dir, inputs, force)
     checkpoint = open_checkpoint(checkpoint_path)

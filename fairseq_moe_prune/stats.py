@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from fairseq_moe_prune.errors import FairseqMoEPruneError
-from fairseq_moe_prune.files import atomic_open
+from fairseq_moe_prune.files import atomic_open, refuse_existing
 from fairseq_moe_prune.models.layout import PREFIX_PATTERN, MoELayerSpec
 
 FORMAT = "fairseq-moe-prune/stats"
@@ -346,8 +346,7 @@ def merge_files(out: str, inputs: Sequence[str], force: bool = False) -> MoEStat
             raise StatsError(f"{out} is also one of the inputs (inputs are never overwritten)")
     if os.path.isdir(out):
         raise StatsError(f"{out} is a folder; name the statistics file to write")
-    if os.path.exists(out) and not force:
-        raise StatsError(f"{out} exists (use --force to overwrite)")
+    refuse_existing(out, force)
     merged = merge([load(path) for path in inputs], inputs)
     save(merged, out)
     return merged

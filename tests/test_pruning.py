@@ -17,6 +17,7 @@ from fairseq_moe_prune.checkpoints.surgery import (
     save_sharded,
     save_single,
 )
+from fairseq_moe_prune.files import OutputExistsError
 from fairseq_moe_prune.pruning import PruneOptions, prune
 from fairseq_moe_prune.ranking import SelectionError
 from tests.helpers import build_tiny_model, logits, random_batch, save_like_trainer, tiny_checkpoint_with_stats
@@ -172,7 +173,7 @@ def test_user_mistakes_are_refused_and_leave_nothing_behind(recorded):
     assert not os.path.exists(out) and not list(tmp_path.glob(".staging-*"))
 
     prune(model, out, half, stats_path=stats_path)
-    with pytest.raises(CheckpointError, match="exists"):
+    with pytest.raises(OutputExistsError, match="exists"):
         prune(model, out, half, stats_path=stats_path)
     manifest = prune(model, out, PruneOptions(granularity="pair", prune_fraction=0.25, ratio="1:1"),
                      stats_path=stats_path, force=True)
@@ -204,3 +205,17 @@ def test_a_gate_of_no_moe_layer_is_a_one_line_error(tmp_path):
     every = {spec.prefix: list(range(spec.num_experts)) for spec in checkpoint.specs}
     with pytest.raises(CheckpointError, match=f"{stray} is the gate of no MoE layer of the model config"):
         prune_checkpoint(checkpoint, every)
+
+
+def test_the_library_refuses_options_that_do_not_go_together(tmp_path):
+    """prune() itself, not only the command line, refuses a threshold with fixed selection (before reading)."""
+    model, stats_path, out = str(tmp_path / "model.pt"), str(tmp_path / "stats.json"), str(tmp_path / "out")
+    with pytest.raises(SelectionError, match="--threshold goes with --selection threshold"):
+        prune(model, out, PruneOptions(keep=4, threshold=0.5), stats_path=stats_path)
+    with pytest.raises(SelectionError, match="give a budget"):
+        prune(model, out, PruneOptions(), stats_path=stats_path)
+    with pytest.raises(SelectionError, match="give --stats, --calibration"):
+        prune(model, out, PruneOptions(keep=4))
+    with pytest.raises(SelectionError, match="--beam must be at least 1"):
+        prune(model, out, PruneOptions(keep=4, beam=0), stats_path=stats_path)
+    assert not os.listdir(tmp_path)

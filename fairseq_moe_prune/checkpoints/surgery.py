@@ -20,7 +20,15 @@ import torch
 from fairseq_moe_prune.checkpoints.layouts import SHARED_SUFFIX, MoECheckpoint, is_expert_key
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
 from fairseq_moe_prune.checkpoints.streaming import Entry, RecordCRCs, check_crc, save_streaming
-from fairseq_moe_prune.files import make_folder, own_entries, owner, remove_leftovers, signals_held, umask
+from fairseq_moe_prune.files import (
+    make_folder,
+    own_entries,
+    owner,
+    refuse_existing,
+    remove_leftovers,
+    signals_held,
+    umask,
+)
 from fairseq_moe_prune.models.layout import MoELayerSpec, expert_key, format_counts, gate_layer, split_expert_key
 
 
@@ -129,15 +137,13 @@ def check_output(out: str, inputs: List[str], force: bool) -> None:
         source = os.path.realpath(path)
         if os.path.commonpath([source, output]) in (source, output):
             raise CheckpointError(f"{out} and the input {path} overlap (inputs are never modified)")
-    if os.path.exists(out) and not force:
-        raise CheckpointError(f"{out} exists (use --force to replace it)")
+    refuse_existing(out, force)
 
 
 def publish_directory(staging: str, out: str, force: bool) -> None:
     """Move a finished staging folder to ``out``; an existing ``out`` is replaced only with ``force``."""
     if os.path.exists(out):
-        if not force:
-            raise CheckpointError(f"{out} exists (use --force to replace it)")
+        refuse_existing(out, force)
         trash = staging + "-old"
         with signals_held():  # never stop between taking the old output away and putting the new one there
             os.replace(out, trash)

@@ -15,6 +15,7 @@ from fairseq_moe_prune.checkpoints.convert import convert
 from fairseq_moe_prune.checkpoints.layouts import open_checkpoint
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError, load_checkpoint
 from fairseq_moe_prune.checkpoints.surgery import prune_checkpoint, save_single
+from fairseq_moe_prune.files import OutputExistsError
 from tests.helpers import (
     build_tiny_model,
     pad,
@@ -165,7 +166,7 @@ def test_refusals_are_one_line_errors_and_leave_no_output(fairseq_checkpoint, hf
     with pytest.raises(CheckpointError, match="needs --encoder-normalize-before"):
         convert(str(tmp_path / "post_norm.pt"), str(tmp_path / "hf"), "hf")
     (tmp_path / "exists").mkdir()
-    with pytest.raises(CheckpointError, match="exists"):
+    with pytest.raises(OutputExistsError, match="exists"):
         convert(str(path), str(tmp_path / "exists"), "hf")
     with pytest.raises(CheckpointError, match="overlap"):
         convert(str(path), str(tmp_path), "sharded", force=True)
