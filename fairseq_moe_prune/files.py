@@ -105,6 +105,12 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` so that readers see the old file or the new one, never a mix."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
 def own_entries(directory: str, prefix: str, suffix: str = "") -> List[str]:
     """This process's temporary files or staging folders in ``directory`` (their names carry :func:`owner`).
 

@@ -27,6 +27,7 @@ from fairseq_moe_prune.checkpoints.surgery import (
     save_single,
     staged_directory,
 )
+from fairseq_moe_prune.files import write_atomic
 from fairseq_moe_prune.fingerprint import weights_fingerprint
 from fairseq_moe_prune.models.layout import MoELayerSpec, config_value
 from fairseq_moe_prune.ranking import (
@@ -276,9 +277,9 @@ def write_outputs(checkpoint: MoECheckpoint, outputs: Mapping[str, Choice], per_
             manifest["outputs"][name]["skip_betas"] = format_betas(layer_betas)
         del pruned
     if per_language and len({spec.num_experts for spec in checkpoint.specs}) == 1:
-        stats_lib.write_atomic(os.path.join(staging, "experts.json"),
-                               json.dumps(experts_json(per_language, checkpoint.specs), sort_keys=True) + "\n")
-    stats_lib.write_atomic(os.path.join(staging, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        write_atomic(os.path.join(staging, "experts.json"),
+                     json.dumps(experts_json(per_language, checkpoint.specs), sort_keys=True) + "\n")
+    write_atomic(os.path.join(staging, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
 
 

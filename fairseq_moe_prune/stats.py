@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from fairseq_moe_prune.errors import FairseqMoEPruneError
-from fairseq_moe_prune.files import atomic_open, refuse_existing
+from fairseq_moe_prune.files import refuse_existing, write_atomic
 from fairseq_moe_prune.models.layout import PREFIX_PATTERN, MoELayerSpec
 
 FORMAT = "fairseq-moe-prune/stats"
@@ -266,12 +266,6 @@ def identify_runs(stats: MoEStats, subset: str, subset_sentences: int) -> MoESta
         digest = hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
         runs.append(Run(digest, pair, subset, subset_sentences))
     return MoEStats(stats.fingerprint, stats.settings, stats.pairs, runs)
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a mix."""
-    with atomic_open(path, "w") as f:
-        f.write(text)
 
 
 def is_stats_file(path: str) -> bool:

@@ -43,6 +43,8 @@ from concurrent.futures import ProcessPoolExecutor
 from html.parser import HTMLParser
 from pathlib import Path
 
+from fairseq_moe_prune.files import atomic_open
+
 ENGLISH = "eng_Latn"
 
 # NLLB / FLORES-200 code -> Debian package suffix (libreoffice-help-<suffix>).
@@ -87,8 +89,6 @@ DEBIAN_SUFFIX: dict[str, str] = {
 ALL_STAGES = ("fetch", "align", "split", "spm", "binarize")
 EXTRA_STAGES = ("sample",)
 SPLITS = ("train", "valid", "test")
-UMASK = os.umask(0o022)
-os.umask(UMASK)
 
 # Element ids that carry translatable text. bm_id* are mostly empty <a name>
 # anchors, but a few <p id="bm_id..."> hold text; FilterName_/APIName_/... ids
@@ -118,20 +118,11 @@ def sha_unit(text: str, salt: str = "") -> float:
 
 
 def atomic_write_lines(path: Path, lines: Iterable[str]) -> None:
-    """Write via a temp file + os.replace so an interrupted run never leaves a half file
+    """Write atomically (files.atomic_open) so an interrupted run never leaves a half file
     that a later (idempotent) run would mistake for a finished one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for line in lines:
-                f.write(line + "\n")
-        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp creates 0600; use the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(str(path), "w") as f:
+        for line in lines:
+            f.write(line + "\n")
 
 
 def read_lines(path: Path) -> list[str]:
