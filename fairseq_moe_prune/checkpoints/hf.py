@@ -24,11 +24,17 @@ import warnings
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
-from torch import Tensor
 
 from fairseq_moe_prune.checkpoints.layouts import model_config
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
-from fairseq_moe_prune.checkpoints.streaming import Entry, SourceTensor, materialize
+from fairseq_moe_prune.checkpoints.streaming import (
+    Entry,
+    SafetensorsFile,
+    SourceTensor,
+    cast_to_store,
+    materialize,
+    stored_dtype,
+)
 from fairseq_moe_prune.checkpoints.surgery import PrunedCheckpoint
 from fairseq_moe_prune.files import umask
 from fairseq_moe_prune.models.layout import (
@@ -93,7 +99,6 @@ NOT_IN_HF = ("layernorm_embedding", "no_decoder_final_norm", "encoder_learned_po
 # fairseq's Dictionary puts <s>, <pad>, </s> first; its decoder starts from </s>
 SPECIAL_IDS = {"bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 2}
 ACTIVATIONS = ("relu", "gelu")
-DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -355,20 +360,10 @@ def read_hf(folder: str) -> PrunedCheckpoint:
 
     Only safetensors headers are read here; the tensors are read one at a time when written.
     """
-    from safetensors import SafetensorError, safe_open
-
     config = read_config(folder)
     tensors: Dict[str, SourceTensor] = {}
     for path in weight_files(folder):
-        try:
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                    view = f.get_slice(key)
-                    if view.get_dtype() not in DTYPES:
-                        raise CheckpointError(f"{path}: {key} has dtype {view.get_dtype()}")
-                    tensors[key] = SourceTensor(path, key, tuple(view.get_shape()), DTYPES[view.get_dtype()])
-        except (OSError, SafetensorError) as error:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+        tensors.update(SafetensorsFile(path).source_tensors())
 
     embedding = next((tensors[key] for key in ("model.shared.weight", *HF_TIED) if key in tensors), None)
     if embedding is None:
@@ -422,8 +417,7 @@ def plan_shards(model: Mapping[str, Entry], max_bytes: int, dtype: Optional[torc
     shards: List[List[str]] = [[]]
     size = 0
     for key, entry in model.items():
-        out_dtype = dtype if dtype is not None and entry.dtype.is_floating_point else entry.dtype
-        nbytes = torch.Size(entry.shape).numel() * out_dtype.itemsize
+        nbytes = torch.Size(entry.shape).numel() * stored_dtype(entry.dtype, dtype).itemsize
         if shards[-1] and size + nbytes > max_bytes:
             shards.append([])
             size = 0
@@ -459,7 +453,7 @@ def write_hf(checkpoint: PrunedCheckpoint, folder: str, fp16: bool = False, max_
     weight_map: Dict[str, str] = {}
     total = 0
     for name, keys in zip(names, shards):
-        tensors = {key: _cast(tensor, dtype) for key, tensor in materialize({k: model[k] for k in keys}, checkpoint.records).items()}
+        tensors = {key: cast_to_store(tensor, dtype) for key, tensor in materialize({k: model[k] for k in keys}, checkpoint.records).items()}
         save_file(tensors, os.path.join(folder, name), metadata={"format": "pt"})
         os.chmod(os.path.join(folder, name), 0o666 & ~umask())  # safetensors makes 0600; the usual permissions
         weight_map.update((key, name) for key in keys)
@@ -470,8 +464,3 @@ def write_hf(checkpoint: PrunedCheckpoint, folder: str, fp16: bool = False, max_
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
             f.write("\n")
 
-
-def _cast(tensor: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
-    if dtype is not None and tensor.is_floating_point():
-        tensor = tensor.to(dtype)
-    return tensor.contiguous()

@@ -51,17 +51,47 @@ class SourceTensor:
 Entry = Union[Tensor, SourceTensor]
 
 
+def stored_dtype(dtype: torch.dtype, cast: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype a tensor of ``dtype`` is written in: floating tensors take ``cast`` (--fp16), others keep theirs."""
+    return cast if cast is not None and dtype.is_floating_point else dtype
+
+
+def cast_to_store(tensor: Tensor, cast: Optional[torch.dtype]) -> Tensor:
+    """``tensor`` as it is written: in :func:`stored_dtype`, contiguous."""
+    return tensor.to(stored_dtype(tensor.dtype, cast)).contiguous()
+
+
+# the safetensors dtypes a weight may have
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
 class SafetensorsFile(Mapping[str, Tensor]):
     """The tensors of a safetensors file, each read when asked for (the file is never read whole)."""
 
     def __init__(self, path: str):
         from safetensors import SafetensorError, safe_open
 
+        self.path = path
         try:
             self._file = safe_open(path, framework="pt")
         except (OSError, SafetensorError) as error:
             raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
         self._keys = set(self._file.keys())
+
+    def source_tensors(self) -> Dict[str, SourceTensor]:
+        """A :class:`SourceTensor` for each tensor, in the file's order; only the header is read."""
+        from safetensors import SafetensorError
+
+        entries = {}
+        try:
+            for key in self._file.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                view = self._file.get_slice(key)
+                if view.get_dtype() not in SAFETENSORS_DTYPES:
+                    raise CheckpointError(f"{self.path}: {key} has dtype {view.get_dtype()}")
+                entries[key] = SourceTensor(self.path, key, tuple(view.get_shape()), SAFETENSORS_DTYPES[view.get_dtype()])
+        except (OSError, SafetensorError) as error:
+            raise CheckpointError(f"{self.path}: not a readable safetensors file ({error})") from None
+        return entries
 
     def __getitem__(self, key: str) -> Tensor:
         if key not in self._keys:
@@ -375,8 +405,7 @@ def _placeholders(model: Mapping[str, Entry], dtype: Optional[torch.dtype]) -> T
     for key, entry in model.items():
         identity = ("src", entry.path, entry.key) if isinstance(entry, SourceTensor) else _storage_identity(entry)
         if identity not in seen:
-            out_dtype = dtype if dtype is not None and entry.dtype.is_floating_point else entry.dtype
-            seen[identity] = torch.empty(tuple(entry.shape), dtype=out_dtype)
+            seen[identity] = torch.empty(tuple(entry.shape), dtype=stored_dtype(entry.dtype, dtype))
             records.append((key, entry))
         placeholders[key] = seen[identity]
     return placeholders, records
@@ -411,9 +440,7 @@ def _patch_crcs(fd: int, crcs: Mapping[str, int], offsets: Mapping[str, Tuple[in
 
 
 def _as_bytes(tensor: Tensor, dtype: Optional[torch.dtype]) -> memoryview:
-    if dtype is not None and tensor.is_floating_point():
-        tensor = tensor.to(dtype)
-    return memoryview(tensor.contiguous().view(torch.uint8).reshape(-1).numpy())
+    return memoryview(cast_to_store(tensor, dtype).view(torch.uint8).reshape(-1).numpy())
 
 
 def _storage_key_recorder(keys: Dict[str, Any]):
