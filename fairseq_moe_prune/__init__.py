@@ -12,10 +12,12 @@ the moment something first imports fairseq. A process that never imports fairseq
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import os
 import sys
 from typing import Optional
 
 __version__ = "0.1.0"
+USER_DIR = os.path.dirname(os.path.abspath(__file__))  # the folder to pass to fairseq's --user-dir
 
 
 def register() -> None:

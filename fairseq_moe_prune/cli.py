@@ -8,7 +8,7 @@ import signal
 import sys
 from typing import List, Optional
 
-from fairseq_moe_prune import stats
+from fairseq_moe_prune import USER_DIR, stats
 from fairseq_moe_prune.errors import FairseqMoEPruneError
 
 
@@ -22,7 +22,7 @@ def raise_terminated(signum, frame) -> None:
 
 def cmd_user_dir(args: argparse.Namespace) -> None:
     """Print the folder to pass to fairseq's --user-dir."""
-    print(os.path.dirname(os.path.abspath(__file__)))
+    print(USER_DIR)
 
 
 def cmd_info(args: argparse.Namespace) -> None:

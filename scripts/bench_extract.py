@@ -26,8 +26,9 @@ from typing import Dict, List
 
 import torch
 
+from fairseq_moe_prune import USER_DIR
+
 REPO = Path(__file__).resolve().parent.parent
-USER_DIR = str(REPO / "fairseq_moe_prune")
 LANGS = "eng_Latn,deu_Latn,fra_Latn"
 PAIRS = "eng_Latn-deu_Latn,eng_Latn-fra_Latn,deu_Latn-eng_Latn,fra_Latn-eng_Latn"
 TASK_FLAGS = ["--moe-task-routing", "both", "--moe-task", "target", "--lang-tok-replacing-bos-eos"]

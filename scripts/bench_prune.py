@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-REPO = Path(__file__).resolve().parent.parent
+from fairseq_moe_prune import USER_DIR
 
-USER_DIR = str(REPO / "fairseq_moe_prune")
+REPO = Path(__file__).resolve().parent.parent
 
 LANGS = "eng_Latn,deu_Latn,fra_Latn"
 PAIRS = "eng_Latn-deu_Latn,eng_Latn-fra_Latn,deu_Latn-eng_Latn,fra_Latn-eng_Latn"

@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import List, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from fairseq_moe_prune import USER_DIR  # noqa: E402
+from fairseq_moe_prune.stats import check_language, split_pair  # noqa: E402
 
 
 def language_flags(data: Path) -> List[str]:
     """``--langs`` and ``--lang-pairs`` from the data folder's lists, every name checked first: text read from a
     file becomes a command-line value only as a validated language name, never as a flag."""
-    sys.path.insert(0, str(REPO))
-    from fairseq_moe_prune.stats import check_language, split_pair
-
     langs = [check_language(name) for name in (data / "langs.txt").read_text().strip().split(",")]
     pairs = ["-".join(split_pair(pair)) for pair in (data / "lang_pairs.txt").read_text().strip().split(",")]
     return ["--langs", ",".join(langs), "--lang-pairs", ",".join(pairs)]
@@ -34,9 +34,9 @@ def language_flags(data: Path) -> List[str]:
 
 def generate_command(work: Path, direction: str, beam: int, stats_out: Path = None) -> List[str]:
     data = work / "data" / "bin"
-    source, target = direction.split("-")
+    source, target = split_pair(direction)
     command = [
-        "fairseq-generate", str(data), "--user-dir", str(REPO / "fairseq_moe_prune"),
+        "fairseq-generate", str(data), "--user-dir", USER_DIR,
         "--task", "translation_multi_simple_epoch_moe",
         *language_flags(data),
         "--encoder-langtok", "src", "--decoder-langtok", "--source-lang", source, "--target-lang", target,

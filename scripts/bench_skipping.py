@@ -25,11 +25,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from bench_recording import language_flags  # noqa: E402  (validated --langs / --lang-pairs)
 
+from fairseq_moe_prune import USER_DIR  # noqa: E402
+from fairseq_moe_prune.stats import split_pair  # noqa: E402
+
 
 def generate_command(data: Path, checkpoint: Path, direction: str, beam: int, skipping: bool) -> List[str]:
-    source, target = direction.split("-")
+    source, target = split_pair(direction)
     command = [
-        "fairseq-generate", str(data), "--user-dir", str(REPO / "fairseq_moe_prune"),
+        "fairseq-generate", str(data), "--user-dir", USER_DIR,
         "--task", "translation_multi_simple_epoch",
         *language_flags(data),
         "--encoder-langtok", "src", "--decoder-langtok", "--source-lang", source, "--target-lang", target,

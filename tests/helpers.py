@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
@@ -11,9 +10,8 @@ from fairseq import options, tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from omegaconf import OmegaConf
 
-import fairseq_moe_prune  # noqa: F401  (registers the plugin)
+from fairseq_moe_prune import USER_DIR  # noqa: F401  (importing the package registers the plugin)
 
-USER_DIR = os.path.dirname(os.path.abspath(fairseq_moe_prune.__file__))
 SYMBOLS = [f"w{i}" for i in range(40)]
 
 

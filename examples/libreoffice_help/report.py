@@ -301,7 +301,7 @@ class Noise:
         jobs, keys = [], []
         for name in self.runs:
             for direction, scores in results[name]["directions"].items():
-                for key, metric in metrics(direction.split("-")[1]).items():
+                for key, metric in metrics(stats_lib.split_pair(direction)[1]).items():
                     jobs.append((metric, scores["hypotheses"], references[direction], SAMPLES, seed_for(direction)))
                     keys.append((name, direction, key))
         self.resampled = dict(zip(keys, resample_many(jobs, workers)))
@@ -332,7 +332,7 @@ def noise_note(noise: Noise | None) -> List[str]:
 
 
 def out_of_english(direction: str) -> bool:
-    return direction.split("-")[0] == ENGLISH
+    return stats_lib.split_pair(direction)[0] == ENGLISH
 
 
 def group_mean(run: dict, key: str, directions: List[str]) -> float:

@@ -27,9 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+from fairseq_moe_prune import USER_DIR
+from fairseq_moe_prune.stats import split_pair
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-USER_DIR = HERE.parent.parent / "fairseq_moe_prune"
 ENGLISH = "eng_Latn"
 EIGHT = "deu_Latn,fra_Latn,rus_Cyrl,ell_Grek,fin_Latn,tur_Latn,jpn_Jpan,zho_Hans"
 
@@ -244,7 +246,7 @@ def record(work: Path, data: Path, checkpoint: Path, langs: str, beam: int, work
         return merged
 
     def one(direction: str) -> Path:
-        src, tgt = direction.split("-")
+        src, tgt = split_pair(direction)
         out = work / "stats" / f"{direction}.json"
         if not out.exists():
             run(["fairseq-generate", *task_args(data, langs, "translation_multi_simple_epoch_moe"),
@@ -271,7 +273,7 @@ def calibration_args(work: Path) -> List[str]:
 
 
 def references(data: Path, direction: str) -> List[str]:
-    src, tgt = direction.split("-")
+    src, tgt = split_pair(direction)
     pair = f"{ENGLISH}-{tgt}" if src == ENGLISH else f"{ENGLISH}-{src}"
     return (data / "raw" / f"test.{pair}.{tgt}").read_text(encoding="utf-8").splitlines()
 

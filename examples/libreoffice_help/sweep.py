@@ -98,7 +98,7 @@ def start_worker(generate_args: Sequence[str]) -> None:
 
 def translate(checkpoint: str, direction: str) -> Translation:
     assert _translator is not None, "start_worker runs first in every worker"
-    source, target = direction.split("-")
+    source, target = stats_lib.split_pair(direction)
     return _translator.translate(checkpoint, source, target)
 
 
@@ -130,7 +130,7 @@ class Sweep:
         scores = {}
         for direction, job in jobs.items():
             translation = job.result()
-            target = direction.split("-")[1]
+            target = stats_lib.split_pair(direction)[1]
             scores[direction] = {**score(translation.hypotheses, self.references[direction], target),
                                  "sentences": translation.sentences, "parameters": translation.parameters,
                                  "seconds": round(translation.seconds, 2),
@@ -233,7 +233,7 @@ class Sweep:
                      "timed_directions": timed}
             for skipping in (True, False):
                 done = {d: jobs[(d, skipping)].result() for d in self.directions if (d, skipping) in jobs}
-                chrf = {d: score(t.hypotheses, self.references[d], d.split("-")[1])["chrf++"]
+                chrf = {d: score(t.hypotheses, self.references[d], stats_lib.split_pair(d)[1])["chrf++"]
                         for d, (t, _, _) in done.items()}
                 if not skipping and known is not None:
                     chrf = {d: known["directions"][d]["chrf++"] for d in self.directions}
@@ -262,7 +262,7 @@ def translate_counting_skips(checkpoint: str, direction: str) -> Tuple[Translati
     """(translation, second experts skipped, second experts chosen) over every MoE layer's real tokens
     during generation: the MoE layers' observer counts what the gates decided."""
     assert _translator is not None, "start_worker runs first in every worker"
-    source, target = direction.split("-")
+    source, target = stats_lib.split_pair(direction)
     model = _translator.load(checkpoint, source, target)
     counts = [0, 0]
 

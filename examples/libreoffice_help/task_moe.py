@@ -28,6 +28,7 @@ from fairseq_moe_prune.evaluation import Translation, Translator
 from fairseq_moe_prune.files import atomic_open
 from fairseq_moe_prune.models.task_routing import TaskSpace
 from fairseq_moe_prune.pruning import PruneOptions, prune
+from fairseq_moe_prune.stats import split_pair
 
 # what translating with the task-MoE needs beyond the token-MoE's flags (run.py trains it with these too)
 GENERATE_FLAGS = ["--lang-tok-replacing-bos-eos"]
@@ -46,7 +47,7 @@ def start_worker(token_args: Sequence[str], task_args: Sequence[str]) -> None:
 
 def translate_direction(direction: str, runs: Sequence[Tuple[str, str, str]]) -> Dict[str, Translation]:
     """Each (model name, checkpoint, data format) translates the direction's test set, in the given order."""
-    source, target = direction.split("-")
+    source, target = split_pair(direction)
     return {name: _translators[kind].translate(checkpoint, source, target) for name, checkpoint, kind in runs}
 
 
@@ -116,7 +117,7 @@ class TaskComparison:
             for direction in self.directions:
                 translation = translations[direction][name]
                 directions[direction] = {
-                    **score(translation.hypotheses, self.references(direction), direction.split("-")[1]),
+                    **score(translation.hypotheses, self.references(direction), split_pair(direction)[1]),
                     "sentences": translation.sentences, "parameters": translation.parameters,
                     "seconds": round(translation.seconds, 3)}
             sentences = sum(d["sentences"] for d in directions.values())

@@ -25,6 +25,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
+from fairseq_moe_prune import USER_DIR
 from fairseq_moe_prune.checkpoints.layouts import model_config
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
 from fairseq_moe_prune.checkpoints.streaming import (
@@ -270,11 +271,10 @@ def fairseq_state(config: Any) -> Dict[str, Any]:
     from omegaconf import OmegaConf
 
     values = fairseq_model_values(config)
-    user_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with quiet_hydra():
         parser = options.get_training_parser()
         args = options.parse_args_and_arch(parser, ["", "--task", "translation", "--arch", "moe_transformer",
-                                                    "--user-dir", user_dir])
+                                                    "--user-dir", USER_DIR])
         for name, value in values.items():
             setattr(args, name, value)
         cfg = convert_namespace_to_omegaconf(args)
