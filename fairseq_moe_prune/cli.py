@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--top", type=int, default=5, help="experts to list at each end")
     show.set_defaults(run=cmd_stats_show)
 
-    from fairseq_moe_prune.ranking import METRICS
+    from fairseq_moe_prune.checkpoints import FORMATS
+    from fairseq_moe_prune.ranking import GRANULARITIES, METRICS, SELECTIONS
 
     prune = commands.add_parser("prune", help=cmd_prune.__doc__)
     prune.add_argument("checkpoint", help="a checkpoint file, or X-shared.pt of an expert-sharded one")
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--experts-json", help="apply expert sets chosen elsewhere (NLLB paper's format)")
     prune.add_argument("--calibration", help="calibration samples from --moe-calibration-out (a folder or a file), "
                        "for --metric reconstruction and --skip-beta median")
-    prune.add_argument("--granularity", choices=["global", "pair", "language"], default="language",
+    prune.add_argument("--granularity", choices=GRANULARITIES, default="language",
                        help="one expert set for all directions, per language pair, or per language "
                             "(encoder from the source, decoder from the target); default language")
     prune.add_argument("--metric", choices=METRICS + ("reconstruction",), default="importance",
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="kept sets the reconstruction search carries when it cannot enumerate them all")
     prune.add_argument("--skip-beta", help="store dynamic skipping in the checkpoints: median (of the calibration "
                        "tokens, per layer), a number, or one number per MoE layer")
-    prune.add_argument("--selection", choices=["fixed", "threshold"], default="fixed",
+    prune.add_argument("--selection", choices=SELECTIONS, default="fixed",
                        help="fixed: a number per layer (--ratio); threshold: metric mass over all layers (default fixed)")
     prune.add_argument("--prune-fraction", type=float, help="fraction of all experts to remove, e.g. 0.8")
     prune.add_argument("--keep", type=int, help="number of experts to keep over all MoE layers")
@@ -143,12 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--force", action="store_true", help="replace --out if it exists")
     prune.set_defaults(run=cmd_prune)
 
-    formats = ["sharded", "single", "hf"]
     convert = commands.add_parser("convert", help=cmd_convert.__doc__, description=cmd_convert.__doc__)
     convert.add_argument("input", metavar="IN", help="X-shared.pt (sharded), a .pt file (single) or an HF model folder")
     convert.add_argument("output", metavar="OUT", help="a file (--to single) or a folder to create (sharded, hf)")
-    convert.add_argument("--from", dest="source_format", choices=formats, help="format of IN (default: detected)")
-    convert.add_argument("--to", required=True, choices=formats, help="format of OUT")
+    convert.add_argument("--from", dest="source_format", choices=FORMATS, help="format of IN (default: detected)")
+    convert.add_argument("--to", required=True, choices=FORMATS, help="format of OUT")
     convert.add_argument("--fp16", action="store_true", help="store weights in half precision")
     convert.add_argument("--max-shard-size", default="5GB", help="largest safetensors file for --to hf (default 5GB)")
     convert.add_argument("--force", action="store_true", help="replace OUT if it exists")

@@ -20,7 +20,7 @@ from fairseq_moe_prune import stats as stats_lib
 from fairseq_moe_prune.checkpoints.layouts import MoECheckpoint, open_checkpoint
 from fairseq_moe_prune.checkpoints.streaming import materialize
 from fairseq_moe_prune.checkpoints.surgery import (
-    PrunedCheckpoint,
+    CheckpointView,
     check_output,
     prune_checkpoint,
     save_sharded,
@@ -31,6 +31,7 @@ from fairseq_moe_prune.files import write_atomic
 from fairseq_moe_prune.fingerprint import weights_fingerprint
 from fairseq_moe_prune.models.layout import MoELayerSpec, config_value
 from fairseq_moe_prune.ranking import (
+    GRANULARITIES,
     Budget,
     SelectionError,
     fixed_per_layer_counts,
@@ -40,7 +41,6 @@ from fairseq_moe_prune.ranking import (
 )
 from fairseq_moe_prune.stats import LayerCounts, MoEStats, StatsError
 
-GRANULARITIES = ("global", "pair", "language")
 Selection = Dict[str, List[int]]  # layer prefix -> kept original expert ids, ascending
 
 
@@ -402,7 +402,7 @@ def format_betas(betas: List[float]) -> str:
     return ",".join(f"{beta:.6f}" for beta in betas)
 
 
-def set_model_config(pruned: PrunedCheckpoint, name: str, value: object) -> None:
+def set_model_config(pruned: CheckpointView, name: str, value: object) -> None:
     """Set a field of the pruned checkpoint's model config (a copy made by the surgery)."""
     state = pruned.state
     config = state["cfg"]["model"] if state.get("cfg") is not None and state["cfg"].get("model") is not None \

@@ -21,6 +21,8 @@ from fairseq_moe_prune.models.layout import MoELayerSpec
 from fairseq_moe_prune.stats import PROB_SCALE, REAP_SCALE, LayerCounts
 
 METRICS = ("importance", "vanilla_importance", "activity", "top2", "load_balancing", "reap", "random")
+SELECTIONS = ("fixed", "threshold")  # a number per layer, or one metric-mass threshold over all layers
+GRANULARITIES = ("global", "pair", "language")  # one expert set for everything, per language pair, per language
 
 
 class SelectionError(FairseqMoEPruneError, ValueError):

@@ -115,7 +115,7 @@ def build_model(data: Path, out: Path, ffn: int) -> Tuple[Path, Path]:
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from omegaconf import OmegaConf
 
-    from fairseq_moe_prune.checkpoints.surgery import PrunedCheckpoint, save_sharded
+    from fairseq_moe_prune.checkpoints.surgery import CheckpointView, save_sharded
 
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(parser, [
@@ -132,7 +132,7 @@ def build_model(data: Path, out: Path, ffn: int) -> Tuple[Path, Path]:
     weights = dict(model.state_dict())
     single = out / "full.pt"
     torch.save(dict(state, model=weights), single)
-    save_sharded(PrunedCheckpoint(state, weights), str(out / "full-shared.pt"))
+    save_sharded(CheckpointView(state, weights), str(out / "full-shared.pt"))
     return single, out / "full-shared.pt"
 
 

@@ -11,19 +11,18 @@ from __future__ import annotations
 import os
 from typing import List, Optional
 
+from fairseq_moe_prune.checkpoints import FORMATS
 from fairseq_moe_prune.checkpoints.hf import parse_size, read_hf, write_hf
 from fairseq_moe_prune.checkpoints.layouts import SHARED_SUFFIX, open_checkpoint
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
 from fairseq_moe_prune.checkpoints.surgery import (
-    PrunedCheckpoint,
+    CheckpointView,
     check_output,
-    prune_checkpoint,
     save_sharded,
     save_single,
     staged_directory,
+    view_checkpoint,
 )
-
-FORMATS = ("sharded", "single", "hf")
 
 
 def detect_format(path: str) -> str:
@@ -33,12 +32,11 @@ def detect_format(path: str) -> str:
     return "sharded" if path.endswith(SHARED_SUFFIX) else "single"
 
 
-def read(path: str, source_format: str) -> PrunedCheckpoint:
+def read(path: str, source_format: str) -> CheckpointView:
     """Any input as a whole fairseq checkpoint to write (the optimizer state is dropped)."""
     if source_format == "hf":
         return read_hf(path)
-    checkpoint = open_checkpoint(path)
-    return prune_checkpoint(checkpoint, {spec.prefix: list(range(spec.num_experts)) for spec in checkpoint.specs})
+    return view_checkpoint(open_checkpoint(path))
 
 
 def output_stem(path: str, source_format: str) -> str:

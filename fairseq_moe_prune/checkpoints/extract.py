@@ -30,7 +30,7 @@ from torch import Tensor
 from fairseq_moe_prune.checkpoints.layouts import MoECheckpoint, is_expert_key, open_checkpoint
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
 from fairseq_moe_prune.checkpoints.streaming import Entry, materialize
-from fairseq_moe_prune.checkpoints.surgery import PrunedCheckpoint, save_single, staged_directory
+from fairseq_moe_prune.checkpoints.surgery import CheckpointView, save_single, staged_directory
 from fairseq_moe_prune.files import atomic_open, refuse_existing
 from fairseq_moe_prune.models.layout import MoEConfigError, MoELayerSpec, config_value, gate_layer
 from fairseq_moe_prune.models.task_routing import TaskSpace, routes_by_task, split_pair, task_routing
@@ -175,7 +175,7 @@ def plain_state(state: Mapping[str, Any]) -> Dict[str, Any]:
 
 @dataclass
 class Extracted:
-    pruned: PrunedCheckpoint
+    pruned: CheckpointView
     form: str  # "transformer" (plain fairseq) or "moe_transformer" (this plugin)
     folds: Dict[str, Fold]
     widths: Dict[str, List[int]]  # FFN width of each layer, per side
@@ -269,7 +269,7 @@ def extract_task(checkpoint: MoECheckpoint, source: Optional[str], target: str, 
         state = plain_state(checkpoint.state)
         state["cfg"]["model"] = dense_config(config, side_width)
         form = "transformer"
-    return Extracted(PrunedCheckpoint(state, model), form, folds, widths, int(zero_padding))
+    return Extracted(CheckpointView(state, model), form, folds, widths, int(zero_padding))
 
 
 def config_gate_options(config: Any) -> GateOptions:

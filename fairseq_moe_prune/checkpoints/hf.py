@@ -36,7 +36,7 @@ from fairseq_moe_prune.checkpoints.streaming import (
     materialize,
     stored_dtype,
 )
-from fairseq_moe_prune.checkpoints.surgery import PrunedCheckpoint
+from fairseq_moe_prune.checkpoints.surgery import CheckpointView
 from fairseq_moe_prune.files import umask
 from fairseq_moe_prune.models.layout import (
     EXPERT_WEIGHTS,
@@ -355,7 +355,7 @@ def describe_hf(folder: str) -> str:
     return "\n".join(lines)
 
 
-def read_hf(folder: str) -> PrunedCheckpoint:
+def read_hf(folder: str) -> CheckpointView:
     """An HF NllbMoe folder as a fairseq checkpoint to write: a fairseq config and references to its tensors.
 
     Only safetensors headers are read here; the tensors are read one at a time when written.
@@ -383,7 +383,7 @@ def read_hf(folder: str) -> PrunedCheckpoint:
         model[f"{side}.version"] = torch.tensor([3.0])  # what fairseq's own state dict holds
     state = fairseq_state(config)
     _check_complete(model, model_config(state), folder)
-    return PrunedCheckpoint(state, model)
+    return CheckpointView(state, model)
 
 
 def _check_complete(model: Mapping[str, Entry], config: Any, folder: str) -> None:
@@ -426,7 +426,7 @@ def plan_shards(model: Mapping[str, Entry], max_bytes: int, dtype: Optional[torc
     return shards
 
 
-def write_hf(checkpoint: PrunedCheckpoint, folder: str, fp16: bool = False, max_shard_size: str = "5GB") -> None:
+def write_hf(checkpoint: CheckpointView, folder: str, fp16: bool = False, max_shard_size: str = "5GB") -> None:
     """Write a fairseq checkpoint into ``folder`` (new and empty) as HF's config.json and safetensors shards.
 
     One shard is in memory at a time.

@@ -56,15 +56,19 @@ def pruned_config(config: Any, specs: List[MoELayerSpec], kept: Mapping[str, Lis
 
 
 @dataclass
-class PrunedCheckpoint:
-    """What to write: the checkpoint's other entries, and the weights (some still in their files)."""
+class CheckpointView:
+    """A checkpoint to write: its other entries, and the weights (some still in their files).
+
+    Pruning (:func:`prune_checkpoint`), conversion (:func:`view_checkpoint`, ``hf.read_hf``) and extraction
+    make one; ``save_single``, ``save_sharded`` and ``hf.write_hf`` write one.
+    """
 
     state: Dict[str, Any]  # everything but "model"; the optimizer state is dropped
     model: Dict[str, Entry]
     records: RecordCRCs = field(default_factory=dict)  # CRC-32s of the input storages tensors of model use
 
 
-def prune_checkpoint(checkpoint: MoECheckpoint, kept: Mapping[str, List[int]]) -> PrunedCheckpoint:
+def prune_checkpoint(checkpoint: MoECheckpoint, kept: Mapping[str, List[int]]) -> CheckpointView:
     """Keep ``kept[layer]`` experts of each MoE layer. Weights keep their key order; experts follow their gate."""
     for spec in checkpoint.specs:
         ids = kept[spec.prefix]
@@ -94,15 +98,20 @@ def prune_checkpoint(checkpoint: MoECheckpoint, kept: Mapping[str, List[int]]) -
         state["cfg"] = dict(state["cfg"], model=config)
     else:
         state["args"] = config
-    return PrunedCheckpoint(state, model, checkpoint.records)
+    return CheckpointView(state, model, checkpoint.records)
 
 
-def save_single(pruned: PrunedCheckpoint, path: str, fp16: bool = False) -> None:
+def view_checkpoint(checkpoint: MoECheckpoint) -> CheckpointView:
+    """The whole checkpoint as a view to write: every expert kept (the optimizer state is dropped)."""
+    return prune_checkpoint(checkpoint, {spec.prefix: list(range(spec.num_experts)) for spec in checkpoint.specs})
+
+
+def save_single(pruned: CheckpointView, path: str, fp16: bool = False) -> None:
     """One checkpoint file, written atomically and deterministically."""
     save_streaming(pruned.state, pruned.model, path, torch.float16 if fp16 else None, pruned.records)
 
 
-def save_sharded(pruned: PrunedCheckpoint, shared_path: str, fp16: bool = False) -> List[str]:
+def save_sharded(pruned: CheckpointView, shared_path: str, fp16: bool = False) -> List[str]:
     """NLLB's layout: ``X-shared.pt`` without experts and ``X-rank-N.pt`` with expert N of every layer.
 
     Needs the same number of experts in every MoE layer, as the nllb branch's loader does.
