@@ -536,7 +536,7 @@ def _fill_bytes(entry: Any, source: Optional[Mapping[str, Tensor]], dtype: Optio
 def _copied_crc(entry: Any, source: Optional[Mapping[str, Tensor]], dtype: Optional[torch.dtype]) -> Optional[int]:
     """The CRC-32 of a source tensor written as it was read: its record's, already checked when it was read."""
     if isinstance(entry, SourceTensor) and isinstance(source, CheckpointRecords) \
-            and (dtype is None or entry.dtype == dtype or not entry.dtype.is_floating_point):
+            and stored_dtype(entry.dtype, dtype) == entry.dtype:
         return source.crcs.get(entry.key)
     return None
 
