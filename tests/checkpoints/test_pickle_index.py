@@ -12,7 +12,7 @@ from fairseq_moe_prune.checkpoints import pickle_index
 from fairseq_moe_prune.checkpoints.pickle_index import TensorRecord, Unsupported
 from fairseq_moe_prune.checkpoints.safe_load import UnsafeCheckpointError
 from fairseq_moe_prune.checkpoints.streaming import CheckpointRecords, load_mapped, meta_weights, record_crcs
-from fairseq_moe_prune.checkpoints.surgery import PrunedCheckpoint, save_sharded
+from fairseq_moe_prune.checkpoints.surgery import CheckpointView, save_sharded
 from tests.checkpoints.test_safe_load import RunsCodeWhenLoaded
 from tests.helpers import build_tiny_model, save_like_trainer
 
@@ -79,7 +79,7 @@ def test_a_fairseq_checkpoint_reads_as_torch_loads_it(fairseq_checkpoint, tmp_pa
 
     # a rank file of NLLB's sharded layout, tied weights included, read tensor by tensor
     weights = dict(theirs["model"])
-    save_sharded(PrunedCheckpoint({"cfg": theirs["cfg"]}, weights), str(tmp_path / "m-shared.pt"))
+    save_sharded(CheckpointView({"cfg": theirs["cfg"]}, weights), str(tmp_path / "m-shared.pt"))
     for name in ("m-shared.pt", "m-rank-0.pt"):
         loaded = torch.load(tmp_path / name, weights_only=True)["model"]
         records = CheckpointRecords(str(tmp_path / name))
