@@ -30,6 +30,7 @@ from torch import Tensor
 
 from fairseq_moe_prune.files import atomic_open
 from fairseq_moe_prune.models.layout import MoELayerSpec
+from fairseq_moe_prune.moe.layer import RoutingRecord
 from fairseq_moe_prune.stats import Fingerprint, StatsError, split_pair
 
 FORMAT = "fairseq-moe-prune/calibration"
@@ -107,10 +108,11 @@ class CalibrationSampler:
         self.reservoirs: Dict[str, Dict[int, LayerSample]] = {}
         self.generators: Dict[Tuple[str, int], torch.Generator] = {}
 
-    def observe(self, index: int, inputs: Tensor, probs: Tensor, outputs: Tensor, padding: Optional[Tensor]) -> None:
+    def observe(self, index: int, record: RoutingRecord) -> None:
         """One forward of layer ``index``: keep its real tokens until the batch is committed."""
-        if padding is not None:
-            real = ~padding
+        inputs, probs, outputs = record.inputs, record.routing.probs, record.outputs
+        if record.padding is not None:
+            real = ~record.padding
             inputs, probs, outputs = inputs[real], probs[real], outputs[real]
         piece = (inputs.detach().float().cpu(), probs.detach().float().cpu(), outputs.detach().float().cpu())
         self.pending.setdefault(index, []).append(piece)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fairseq_moe_prune.fingerprint import gate_fingerprint, model_fingerprint, model_layout  # noqa: F401 (also ours)
 from fairseq_moe_prune.moe.gate import Routing
-from fairseq_moe_prune.moe.layer import Dispatch, MoELayer
+from fairseq_moe_prune.moe.layer import Dispatch, MoELayer, RoutingRecord
 from fairseq_moe_prune.stats import (
     PROB_SCALE,
     REAP_SCALE,
@@ -79,11 +79,10 @@ class Recorder:
         self.calibration: Optional[Any] = None
 
     def _observer(self, index: int):
-        def observe(layer: MoELayer, routing: Routing, padding: Optional[Tensor], dispatch: Dispatch,
-                    inputs: Tensor, outputs: Tensor) -> None:
+        def observe(record: RoutingRecord) -> None:
             if self.calibration is not None:
-                self.calibration.observe(index, inputs, routing.probs, outputs, padding)
-            counts = routing_counts(routing, padding, dispatch)
+                self.calibration.observe(index, record)
+            counts = routing_counts(record.routing, record.padding, record.dispatch)
             if index in self.pending:
                 for total, count in zip(self.pending[index], counts):
                     total += count

@@ -266,8 +266,9 @@ def translate_counting_skips(checkpoint: str, direction: str) -> Tuple[Translati
     model = _translator.load(checkpoint, source, target)
     counts = [0, 0]
 
-    def count(layer, routing, padding, dispatch, inputs, outputs) -> None:
-        real = torch.ones_like(routing.experts[:, 0], dtype=torch.bool) if padding is None else ~padding
+    def count(record) -> None:
+        routing = record.routing
+        real = torch.ones_like(routing.experts[:, 0], dtype=torch.bool) if record.padding is None else ~record.padding
         counts[1] += int(real.sum())
         if routing.skipped is not None:
             counts[0] += int((routing.skipped & real).sum())

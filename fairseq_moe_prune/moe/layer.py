@@ -97,9 +97,20 @@ class Dispatch:
     output_norms: Optional[Tensor] = None  # (N,) L2 norm of the expert's output, when asked for
 
 
-# Called after every forward with (layer, routing, padding_mask, dispatch, layer input, layer output),
-# inputs and outputs as flat (tokens, dim); used to record decisions and calibration samples.
-RoutingObserver = Callable[["MoELayer", Routing, Optional[Tensor], Dispatch, Tensor, Tensor], None]
+@dataclass
+class RoutingRecord:
+    """What one forward of a MoE layer decided and computed, handed to its observer."""
+
+    layer: "MoELayer"
+    routing: Routing
+    padding: Optional[Tensor]  # (tokens,) True at padding, or None
+    dispatch: Dispatch
+    inputs: Tensor  # (tokens, dim) the layer's input, flat
+    outputs: Tensor  # (tokens, dim) the layer's output, flat
+
+
+# Called after every forward with that forward's record; used to record decisions and calibration samples.
+RoutingObserver = Callable[[RoutingRecord], None]
 
 
 class MoELayer(nn.Module):
@@ -148,7 +159,7 @@ class MoELayer(nn.Module):
             routing = self.gate.route_tasks(task_states, time, gate_padding)
         combined, dispatch = self.dispatch_and_combine(tokens, routing, with_norms=self.observer is not None)
         if self.observer is not None:
-            self.observer(self, routing, flat_padding, dispatch, tokens, combined)
+            self.observer(RoutingRecord(self, routing, flat_padding, dispatch, tokens, combined))
         return combined.reshape(batch, time, dim), routing.l_aux
 
     def dispatch_and_combine(self, tokens: Tensor, routing: Routing, with_norms: bool = False) -> Tuple[Tensor, Dispatch]:

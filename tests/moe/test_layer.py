@@ -75,7 +75,7 @@ def test_eom_masks_whole_expert_outputs_in_training_without_rescaling():
 def test_padding_mask_reaches_the_gate_only_with_use_pad_mask():
     seen = []
     layer = make_layer(options=GateOptions(second_expert_policy="all", use_pad_mask=True)).eval()
-    layer.observer = lambda _layer, routing, padding, dispatch, inputs, outputs: seen.append(routing)
+    layer.observer = lambda record: seen.append(record.routing)
     x = torch.randn(2, 3, 8)
     padding = torch.tensor([[False, False, True], [False, True, True]])
     out, _ = layer(x, padding)

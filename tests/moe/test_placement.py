@@ -28,8 +28,8 @@ def routed(model):
     """Every (layer, token, expert, weight) decision of the next forward, in order."""
     seen = []
     for layer in model.moe_layers():
-        layer.observer = lambda _layer, routing, padding, dispatch, inputs, outputs: seen.append(
-            (dispatch.token_ids.tolist(), dispatch.experts.tolist(), dispatch.weights.tolist()))
+        layer.observer = lambda record: seen.append(
+            (record.dispatch.token_ids.tolist(), record.dispatch.experts.tolist(), record.dispatch.weights.tolist()))
     return seen
 
 
