@@ -344,6 +344,13 @@ class CalibrationWriter:
     def write(self) -> None:
         save(self.sampler.snapshot(), self.path)
 
+    def close(self) -> None:
+        """Write the file a last time and no more at exit."""
+        import atexit
+
+        self.write()
+        atexit.unregister(self.write)
+
 
 def attach(recorder: Any, folder: str, tokens: int, seed: int, pair: str) -> CalibrationWriter:
     """The recording hook's call: sample the tokens ``recorder`` counts into ``folder``."""

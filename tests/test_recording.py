@@ -1,5 +1,9 @@
 """Recording through the task's generation hook equals a brute-force recount from plain forwards."""
 
+import argparse
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +15,7 @@ from fairseq_moe_prune.stats import PROB_SCALE
 from tests.helpers import build_tiny_model, random_batch
 
 PAD, EOS = 1, 2
+REPO = Path(__file__).resolve().parent.parent
 
 
 def recording_task(tmp_path: Path, *extra: str):
@@ -163,3 +168,55 @@ def test_per_language_view_takes_encoder_from_source_and_decoder_from_target(tmp
     enc, dec = "encoder.layers.1.moe_layer", "decoder.layers.1.moe_layer"
     assert view["aa"][enc].tokens == 2 * one.layers[enc].tokens and view["aa"][dec].tokens == one.layers[dec].tokens
     assert view["cc"][dec].tokens == one.layers[dec].tokens and enc not in view["cc"]
+
+
+def test_the_encoder_runs_once_per_batch_and_the_model_is_left_as_it_was(tmp_path):
+    task, model, generator = recording_task(tmp_path)
+    calls = []
+    original = model.encoder.forward
+
+    def counting_forward(*args, **kwargs):  # an instance override the hook must neither remove nor bypass
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    model.encoder.forward = counting_forward
+    task.inference_step(generator, [model], sample_for(*random_batch()))
+    assert calls == [1]  # the decoder pass reuses the generator's encoder output
+    assert model.encoder.forward is counting_forward
+    assert task.recorder.snapshot().pairs["src-tgt"].layers["decoder.layers.1.moe_layer"].tokens > 0
+
+
+def test_a_new_generator_takes_back_the_exit_and_sigterm_handlers_of_the_last(tmp_path):
+    import signal
+
+    from fairseq_moe_prune.tasks.recording_hook import exit_on_sigterm
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        task, model, generator = recording_task(tmp_path)
+        first = task.stats_writer
+        assert signal.getsignal(signal.SIGTERM) is exit_on_sigterm
+        task.build_generator([model], argparse.Namespace(beam=3))
+        assert task.stats_writer is not first and signal.getsignal(signal.SIGTERM) is exit_on_sigterm
+        task.close_recording()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# A task that builds a second generator: at exit only the second recording's writer writes the file
+# (the first one's atexit handler, run last, used to overwrite it with the first recording's counts).
+SECOND_GENERATOR = """
+import argparse, sys
+from pathlib import Path
+from tests.test_recording import random_batch, recording_task, sample_for
+task, model, generator = recording_task(Path(sys.argv[1]))
+task.inference_step(generator, [model], sample_for(*random_batch()))
+task.build_generator([model], argparse.Namespace(beam=3))
+"""
+
+
+def test_only_the_last_generators_recording_is_written_at_exit(tmp_path):
+    subprocess.run([sys.executable, "-c", SECOND_GENERATOR, str(tmp_path)], cwd=REPO, check=True,
+                   capture_output=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert stats.load(str(tmp_path / "stats.json")).pairs == {}

@@ -9,7 +9,6 @@ sentence's final hypothesis, so pruned, finished-early and padded beams never co
 """
 
 import atexit
-import contextlib
 import inspect
 import logging
 import os
@@ -18,11 +17,12 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from fairseq.data import data_utils
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.sequence_generator import EnsembleModel, SequenceGenerator
 from torch import Tensor
 
 from fairseq_moe_prune import calibration, stats
@@ -70,9 +70,20 @@ class StatsWriter:
         self.subset, self.subset_sentences = subset, subset_sentences
         self.last_write = time.monotonic()
         self.write()  # a valid (empty) file from the start
+        # written once more when the process ends, SIGTERM included (it then exits through atexit);
+        # close() takes both back, so a task that builds a second generator leaves no stale writer behind
         atexit.register(self.write)
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        self.sigterm_installed = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        if self.sigterm_installed:
+            signal.signal(signal.SIGTERM, exit_on_sigterm)
+
+    def close(self) -> None:
+        """Write the file a last time and take back the exit and SIGTERM handlers."""
+        self.write()
+        atexit.unregister(self.write)
+        if self.sigterm_installed and signal.getsignal(signal.SIGTERM) is exit_on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        self.sigterm_installed = False
 
     def write(self) -> None:
         recorded = self.recorder.snapshot()
@@ -89,25 +100,29 @@ class StatsWriter:
             self.write()
 
 
-@contextlib.contextmanager
-def captured_encoder_output(encoder: torch.nn.Module) -> Iterator[List[Any]]:
-    """Keep what the generator's encoder call returns, so the decoder pass needs no second encoder run.
+class EncoderKeepingEnsemble(EnsembleModel):
+    """fairseq's ensemble wrapper, keeping what the encoder returned for the batch being generated, so that
+    the decoder pass after generation needs no second encoder run."""
 
-    fairseq's generator calls ``encoder.forward`` directly (hooks do not fire), so we wrap it.
-    """
-    outputs: List[Any] = []
-    forward = encoder.forward
+    def __init__(self, models):
+        super().__init__(models)
+        self.encoder_outs: Optional[List[Any]] = None
 
-    def forward_and_keep(*args, **kwargs):
-        output = forward(*args, **kwargs)
-        outputs.append(output)
-        return output
+    def forward_encoder(self, net_input: Dict[str, Tensor]):
+        self.encoder_outs = super().forward_encoder(net_input)
+        return self.encoder_outs
 
-    encoder.forward = forward_and_keep
-    try:
-        yield outputs
-    finally:
-        del encoder.forward
+
+class RecordingSequenceGenerator(SequenceGenerator):
+    """fairseq's beam search over an :class:`EncoderKeepingEnsemble`; built by the task when recording."""
+
+    def __init__(self, models, tgt_dict, **kwargs):
+        super().__init__(EncoderKeepingEnsemble(models), tgt_dict, **kwargs)
+
+
+def exit_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM ends the process through ``sys.exit``, so that atexit writes the statistics file."""
+    sys.exit(128 + signum)
 
 
 class GateRecordingMixin:
@@ -115,6 +130,7 @@ class GateRecordingMixin:
 
     recorder: Optional[Recorder] = None
     stats_writer: Optional[StatsWriter] = None
+    calibration_writer: Optional[calibration.CalibrationWriter] = None
     recording_subset: Optional[str] = None  # the subset being translated, and its sentences (this shard's)
     recording_subset_sentences: int = 0
 
@@ -135,9 +151,12 @@ class GateRecordingMixin:
         return self.target_dictionary.eos()
 
     def build_generator(self, models, args, **kwargs):
-        generator = super().build_generator(models, args, **kwargs)
         path = self._recording_option("moe_stats_out")
         calibration_out = self._recording_option("moe_calibration_out")
+        if (path or calibration_out) and kwargs.get("seq_gen_cls") is None and not getattr(args, "print_alignment", False):
+            kwargs["seq_gen_cls"] = RecordingSequenceGenerator
+        generator = super().build_generator(models, args, **kwargs)
+        self.close_recording()  # a generator built before this one stops writing
         if path or calibration_out:
             if len(models) != 1:
                 raise SystemExit("error: --moe-stats-out records one model; pass a single --path")
@@ -157,10 +176,19 @@ class GateRecordingMixin:
                 logger.info(f"recording MoE gate decisions of {len(self.recorder.specs)} layers into {path}")
             if calibration_out:  # calibration samples of the same tokens (fairseq_moe_prune.calibration)
                 seed = self._recording_option("seed")  # --seed: in the legacy tasks' args, else torch was seeded with it
-                calibration.attach(self.recorder, calibration_out, int(self._recording_option("moe_calibration_tokens")),
-                                   int(torch.initial_seed() if seed is None else seed), self.recording_pair())
+                self.calibration_writer = calibration.attach(
+                    self.recorder, calibration_out, int(self._recording_option("moe_calibration_tokens")),
+                    int(torch.initial_seed() if seed is None else seed), self.recording_pair())
                 logger.info(f"sampling MoE layer inputs and outputs into {calibration_out}")
         return generator
+
+    def close_recording(self) -> None:
+        """Write the files of the current recording a last time and stop writing them at exit."""
+        if self.stats_writer is not None:
+            self.stats_writer.close()
+        if self.calibration_writer is not None:
+            self.calibration_writer.close()
+        self.recorder, self.stats_writer, self.calibration_writer = None, None, None
 
     def get_batch_iterator(self, dataset, *args, **kwargs):
         """When recording, every sentence counts: fairseq's batching drops a last partial batch when
@@ -190,10 +218,11 @@ class GateRecordingMixin:
             return super().inference_step(generator, models, sample, prefix_tokens, constraints)
         model = models[0]
         try:
-            with self.recorder.recording("encoder"), captured_encoder_output(model.encoder) as encoder_outs:
+            with self.recorder.recording("encoder"):
                 hypos = super().inference_step(generator, models, sample, prefix_tokens, constraints)
             with torch.no_grad(), self.recorder.recording("decoder"):
-                model.decoder(self.decoder_inputs(sample, hypos), encoder_out=encoder_outs[0], features_only=True)
+                model.decoder(self.decoder_inputs(sample, hypos), encoder_out=self.encoder_out(generator, model, sample),
+                              features_only=True)
         except BaseException:
             self.recorder.discard()
             raise
@@ -201,6 +230,17 @@ class GateRecordingMixin:
         if self.stats_writer is not None:
             self.stats_writer.maybe_write()
         return hypos
+
+    @staticmethod
+    def encoder_out(generator, model, sample) -> Dict[str, List[Tensor]]:
+        """The encoder output of the batch just generated: kept by our generator's ensemble, or (with a
+        generator of another class, e.g. fairseq's for --print-alignment) computed again."""
+        ensemble = getattr(generator, "model", None)
+        if isinstance(ensemble, EncoderKeepingEnsemble) and ensemble.encoder_outs is not None:
+            encoder_outs, ensemble.encoder_outs = ensemble.encoder_outs, None
+            return encoder_outs[0]
+        with torch.no_grad():
+            return model.encoder.forward_torchscript(sample["net_input"])
 
     def decoder_inputs(self, sample, hypos) -> Tensor:
         """Teacher-forcing inputs: BOS then every token of the best hypothesis but its last (EOS)."""
