@@ -220,3 +220,27 @@ def test_only_the_last_generators_recording_is_written_at_exit(tmp_path):
     subprocess.run([sys.executable, "-c", SECOND_GENERATOR, str(tmp_path)], cwd=REPO, check=True,
                    capture_output=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert stats.load(str(tmp_path / "stats.json")).pairs == {}
+
+
+def test_the_decoder_pass_stops_at_the_last_moe_layer_and_counts_as_a_full_forward(tmp_path):
+    task, model, generator = recording_task(tmp_path, "--decoder-layers", "3")  # MoE in layer 1 of 0..2
+    src, lengths, prev = random_batch(num_sentences=5, seed=7)
+    steps = []  # the time length of each input to decoder layer 2 (time, batch, dim): 1 per generation step
+    handle = model.decoder.layers[2].register_forward_hook(lambda module, inputs, output: steps.append(inputs[0].shape[0]))
+    hypos = task.inference_step(generator, [model], sample_for(src, lengths, prev))
+    handle.remove()
+    assert steps and set(steps) == {1}  # the teacher-forced pass never reached layer 2
+    recorded = task.recorder.snapshot().pairs["src-tgt"]
+    best = [h[0]["tokens"] for h in hypos]
+    prev = torch.full((5, max(len(t) for t in best)), PAD)
+    for i, tokens in enumerate(best):
+        prev[i, 0] = EOS
+        prev[i, 1: len(tokens)] = tokens[:-1]
+
+    def plain_forward():
+        model.decoder(prev, encoder_out=model.encoder(src, src_lengths=lengths), features_only=True)
+
+    gates = gate_inputs(model, plain_forward)
+    prefix = "decoder.layers.1.moe_layer"
+    assert_layer_equal(recorded.layers[prefix],
+                       brute_force_counts(model.get_submodule(prefix), *gates[prefix], prev.eq(PAD).reshape(-1)))

@@ -221,11 +221,14 @@ class MoETransformerDecoder(TransformerDecoderBase):
     def extract_features_scriptable(self, prev_output_tokens, encoder_out: Optional[Dict[str, List[Tensor]]],
                                     incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
                                     full_context_alignment: bool = False, alignment_layer: Optional[int] = None,
-                                    alignment_heads: Optional[int] = None):
+                                    alignment_heads: Optional[int] = None, last_layer: Optional[int] = None):
         """fairseq's decoder forward, whose extra output also carries ``l_aux``: the encoder's list
         followed by the load-balancing loss of each decoder MoE layer that ran. With task routing the MoE
         layers get each sentence's task embedding, read from the first input token, which fairseq's
-        generator passes at every step."""
+        generator passes at every step.
+
+        ``last_layer``: stop after that layer and return its output (no final layer norm): the recording
+        hook's pass over the decoder needs nothing after the last MoE layer."""
         task_states = None
         if self.task_lookup is not None:
             source_langs = (encoder_out["moe_source_langs"][0]
@@ -278,6 +281,8 @@ class MoETransformerDecoder(TransformerDecoderBase):
                                          need_attn=bool(idx == alignment_layer),
                                          need_head_weights=bool(idx == alignment_layer))
             inner_states.append(x)
+            if idx == last_layer:
+                return x.transpose(0, 1), {"attn": [None], "inner_states": inner_states, "l_aux": l_aux}
             if layer_attn is not None and idx == alignment_layer:
                 attn = layer_attn.float().to(x)
         if attn is not None:

@@ -26,6 +26,7 @@ from fairseq.sequence_generator import EnsembleModel, SequenceGenerator
 from torch import Tensor
 
 from fairseq_moe_prune import calibration, stats
+from fairseq_moe_prune.models.moe_transformer import MoETransformerDecoder
 from fairseq_moe_prune.recording import Recorder
 
 logger = logging.getLogger(__name__)
@@ -221,8 +222,7 @@ class GateRecordingMixin:
             with self.recorder.recording("encoder"):
                 hypos = super().inference_step(generator, models, sample, prefix_tokens, constraints)
             with torch.no_grad(), self.recorder.recording("decoder"):
-                model.decoder(self.decoder_inputs(sample, hypos), encoder_out=self.encoder_out(generator, model, sample),
-                              features_only=True)
+                self.decoder_pass(model, self.decoder_inputs(sample, hypos), self.encoder_out(generator, model, sample))
         except BaseException:
             self.recorder.discard()
             raise
@@ -230,6 +230,17 @@ class GateRecordingMixin:
         if self.stats_writer is not None:
             self.stats_writer.maybe_write()
         return hypos
+
+    def decoder_pass(self, model, decoder_inputs: Tensor, encoder_out: Dict[str, List[Tensor]]) -> None:
+        """Teacher-force ``decoder_inputs`` through the decoder, up to its last MoE layer only: the layers
+        above it and the output projection decide nothing that is recorded."""
+        last = max((spec.layer for spec in self.recorder.specs if spec.side == "decoder"), default=None)
+        if last is None:
+            return
+        if isinstance(model.decoder, MoETransformerDecoder):
+            model.decoder.extract_features_scriptable(decoder_inputs, encoder_out, last_layer=last)
+        else:
+            model.decoder(decoder_inputs, encoder_out=encoder_out, features_only=True)
 
     @staticmethod
     def encoder_out(generator, model, sample) -> Dict[str, List[Tensor]]:
