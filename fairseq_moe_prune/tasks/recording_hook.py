@@ -5,7 +5,13 @@
 During ``inference_step`` the encoder's MoE layers are recorded as the generator runs them (real
 source tokens only). The decoder is recorded afterwards in one teacher-forced pass over each
 sentence's final hypothesis, so pruned, finished-early and padded beams never count; with
-``--moe-stats-decoder reference`` the pass runs over the reference targets instead.
+``--moe-stats-decoder reference`` the pass runs over the reference targets instead. The pass reuses the
+encoder output the generator computed (kept by :class:`EncoderKeepingEnsemble`) and stops after the
+decoder's last MoE layer.
+
+Why a pass and not the generator's own decoding steps: the counts are defined as those of a whole-sentence
+forward (the tests recount them from one), and an incremental step computes the same gate logits only up to
+the last float bits (1e-7 here), which moves probability sums kept at 2**32 resolution.
 """
 
 import atexit
