@@ -216,6 +216,7 @@ task.build_generator([model], argparse.Namespace(beam=3))
 """
 
 
+@pytest.mark.slow
 def test_only_the_last_generators_recording_is_written_at_exit(tmp_path):
     subprocess.run([sys.executable, "-c", SECOND_GENERATOR, str(tmp_path)], cwd=REPO, check=True,
                    capture_output=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
