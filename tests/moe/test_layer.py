@@ -153,7 +153,7 @@ def test_dispatch_follows_the_fp32_weights_under_fp16():
     x = torch.zeros(1, 3, 8, dtype=torch.float16)
     x[..., 0] = 1.0  # logits (0, -20, -25, -25): expert 1's probability is e^-20 of expert 0's
     seen = []
-    layer.observer = lambda _layer, routing, padding, dispatch, inputs, outputs: seen.append((routing, dispatch))
+    layer.observer = lambda record: seen.append((record.routing, record.dispatch))
     with torch.no_grad():
         out, _ = layer(x)
     routing, dispatch = seen[0]
