@@ -11,6 +11,19 @@ GENERATE = ["--gen-subset", "test", "--beam", "3", "--max-tokens", "400", "--max
             "--remove-bpe", "sentencepiece", "--seed", "1"]
 
 
+def tiny_moe_parameters(vocabulary: int) -> int:
+    """moe_transformer_tiny's parameter count from its shapes, with one embedding shared by all three uses:
+    2+2 post-norm layers of width 32 and FFN 64, layers 1 MoE with 4 experts and a bias-free gate."""
+    dim, ffn, experts = 32, 64, 4
+    attention = 4 * (dim * dim + dim)  # q, k, v, out projections with biases
+    norm = 2 * dim
+    dense = dim * ffn + ffn + ffn * dim + dim
+    moe = experts * dense + dim * experts
+    encoder = (attention + norm + dense + norm) + (attention + norm + moe + norm)
+    decoder = (2 * attention + 2 * norm + dense + norm) + (2 * attention + 2 * norm + moe + norm)
+    return vocabulary * dim + encoder + decoder  # positions are sinusoidal: no parameters
+
+
 @pytest.mark.slow
 def test_translator_matches_fairseq_generate(corpus, trained):
     result = run_cli(["fairseq-generate", *multilingual_args(corpus), "--path", str(trained),
@@ -22,6 +35,8 @@ def test_translator_matches_fairseq_generate(corpus, trained):
     translator = Translator([*multilingual_args(corpus), *GENERATE])
     first = translator.translate(str(trained), "deu_Latn", "eng_Latn")
     assert first.hypotheses == [expected[i] for i in range(TEST_SENTENCES)]
+    _, task = translator.setup("deu_Latn", "eng_Latn")
+    assert first.parameters == tiny_moe_parameters(len(task.source_dictionary))
     assert first.parameters == sum(p.numel() for p in translator.load(str(trained), "deu_Latn", "eng_Latn").parameters())
 
     # The model loaded for deu->eng is reused for eng->fra; one loaded for eng->fra translates the same.

@@ -47,9 +47,12 @@ def test_metrics_follow_the_paper_and_are_normalised():
     for metric, raw in expected.items():
         np.testing.assert_allclose(metric_values(LAYER, metric), raw / raw.sum(), rtol=1e-9, err_msg=metric)
     np.testing.assert_allclose(metric_values(LAYER, "top2"), [0.5, 0.3, 0.2, 0.0])
-    # importance prefers the confident expert 1 over the merely frequent expert 0
+    # exp(confidence) lies between 1 and e, so importance still follows how often an expert comes first:
+    # the frequent expert 0 (0.5 * e^0.4 = 0.746) edges out the confident expert 1 (0.3 * e^0.9 = 0.738).
+    # Vanilla importance weighs confidence linearly and prefers expert 1 (0.3 * 0.9 = 0.27 > 0.5 * 0.4 = 0.20).
     assert np.argmax(metric_values(LAYER, "importance")) == 0
     assert metric_values(LAYER, "vanilla_importance")[1] > metric_values(LAYER, "vanilla_importance")[0]
+    assert np.argmax(metric_values(LAYER, "vanilla_importance")) == 1
 
 
 def test_reap_is_the_mean_weighted_output_norm_of_the_tokens_an_expert_ran_on():

@@ -32,14 +32,43 @@ def test_dispatch_and_combine_equal_a_per_token_loop(top1):
     torch.testing.assert_close(layer(x)[0], brute_force(layer, x))
 
 
+def record_expert_calls(layer: MoELayer, calls: list) -> None:
+    """Append (expert id, number of tokens) to ``calls`` whenever an expert runs."""
+    for j, expert in enumerate(layer.experts):
+        expert.register_forward_hook(ExpertCall(j, calls))
+
+
+class ExpertCall:
+    def __init__(self, expert_id: int, calls: list):
+        self.expert_id = expert_id
+        self.calls = calls
+
+    def __call__(self, module, inputs, output) -> None:
+        self.calls.append((self.expert_id, inputs[0].shape[0]))
+
+
 def test_experts_without_tokens_are_skipped_at_inference_and_run_in_training():
     layer = make_layer(num_experts=16).eval()
+    calls = []
+    record_expert_calls(layer, calls)
     x = torch.randn(1, 2, 8)  # 2 tokens reach at most 4 of the 16 experts
     torch.testing.assert_close(layer(x)[0], brute_force(layer, x))
+    routing = layer.gate(x[0], None)
+    used = sorted(set(routing.experts[routing.weights != 0].tolist()))
+    assert 1 <= len(used) <= 4
+    calls.clear()
+    layer(x)
+    # at inference exactly the experts with tokens ran, each once, on its tokens
+    assert sorted(calls) == [(j, int(((routing.experts == j) & (routing.weights != 0)).sum())) for j in used]
+    calls.clear()
     assert layer(x[:, :0])[0].shape == (1, 0, 8)
+    assert calls == []
 
     layer.train()
+    calls.clear()
     layer(x)[0].sum().backward()
+    assert sorted(j for j, _ in calls) == list(range(16))  # every expert ran, most on no tokens
+    assert sum(n for _, n in calls) == 4  # 2 tokens x 2 choices (capacity 2*ceil(2/16) = 2 drops none)
     assert all(expert.fc1.weight.grad is not None for expert in layer.experts)
 
 
@@ -72,15 +101,29 @@ def test_eom_masks_whole_expert_outputs_in_training_without_rescaling():
     assert (ratio.abs() < 1e-6).any() and ((ratio - 1).abs() < 1e-4).any()
 
 
-def test_padding_mask_reaches_the_gate_only_with_use_pad_mask():
+@pytest.mark.parametrize("use_pad_mask", [True, False])
+def test_padding_mask_reaches_the_gate_only_with_use_pad_mask(use_pad_mask):
     seen = []
-    layer = make_layer(options=GateOptions(second_expert_policy="all", use_pad_mask=True)).eval()
-    layer.observer = lambda record: seen.append(record.routing)
+    # capacity for every token, so that only the pad mask can take an expert away
+    options = GateOptions(second_expert_policy="all", eval_capacity_token_fraction=1.0, use_pad_mask=use_pad_mask)
+    layer = make_layer(options=options).eval()
+    layer.observer = lambda record: seen.append((record.routing, record.padding))
     x = torch.randn(2, 3, 8)
     padding = torch.tensor([[False, False, True], [False, True, True]])
     out, _ = layer(x, padding)
-    assert seen[0].weights.reshape(2, 3, 2)[padding].eq(0).all()
-    assert out[padding].eq(0).all()  # padding positions get no expert output
+    routing, observed_padding = seen[0]
+    assert observed_padding.tolist() == padding.reshape(-1).tolist()  # the observer sees padding either way
+    # the gate alone decides what the layer gets: padding=None gives the same output without the pad mask
+    unmasked, _ = layer(x)
+    if use_pad_mask:
+        assert routing.weights.reshape(2, 3, 2)[padding].eq(0).all()
+        assert out[padding].eq(0).all()  # padding positions get no expert output
+        assert not torch.equal(out, unmasked)
+    else:
+        # padding tokens are routed like any other and get an expert output
+        assert routing.weights.reshape(2, 3, 2)[padding].ne(0).all()
+        assert out[padding].ne(0).any(dim=1).all()
+        torch.testing.assert_close(out, unmasked, rtol=0, atol=0)
     assert out[~padding].ne(0).any()
 
 
