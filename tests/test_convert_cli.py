@@ -11,6 +11,7 @@ from tests.conftest import run_cli
 from tests.helpers import (
     SYMBOLS,
     USER_DIR,
+    import_extra,
     pad,
     random_sentences,
     tiny_hf_model,
@@ -18,7 +19,7 @@ from tests.helpers import (
 )
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("transformers")
+import_extra("transformers")
 
 LENGTHS = [7, 4, 9, 5, 3, 8]
 MAX_NEW = 30  # tokens before </s>

@@ -86,7 +86,7 @@ def task_fold(gate_weight: Tensor, task_row: Tensor, options: GateOptions, eom: 
         training=False,
     )
     experts = [int(e) for e in routing.experts[0]]
-    factors = [float(w) * (1 - eom) for w in routing.weights[0]]
+    factors = [w * (1 - eom) for w in routing.weights[0].tolist()]
     return Fold([e for e, c in zip(experts, factors) if c != 0], [c for c in factors if c != 0])
 
 

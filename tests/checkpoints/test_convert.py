@@ -18,6 +18,7 @@ from fairseq_moe_prune.checkpoints.surgery import prune_checkpoint, save_single
 from fairseq_moe_prune.files import OutputExistsError
 from tests.helpers import (
     build_tiny_model,
+    import_extra,
     pad,
     random_sentences,
     randomize,
@@ -26,7 +27,7 @@ from tests.helpers import (
     write_dictionaries,
 )
 
-transformers = pytest.importorskip("transformers")
+transformers = import_extra("transformers")
 
 NLLB_OPTIONS = ("--share-all-embeddings", "--encoder-normalize-before", "--decoder-normalize-before", "--moe-eom", "0.2")
 LENGTHS = [7, 4, 9, 5]  # sentences of different lengths: padded batches
