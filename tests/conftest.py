@@ -46,7 +46,7 @@ def trained(corpus, tmp_path_factory) -> Path:
     """A tiny MoE (4 experts in encoder layer 1 and decoder layer 1) after 30 updates."""
     save_dir = tmp_path_factory.mktemp("model")
     result = run_cli(
-        ["fairseq-train", *multilingual_args(corpus), "--arch", "moe_transformer_tiny", "--share-all-embeddings",
+        ["fairseq-train", *multilingual_args(corpus), "--arch", "moe_transformer_toy", "--share-all-embeddings",
          "--criterion", "moe_label_smoothed_cross_entropy", "--moe-gate-loss-wt", "0.01", "--label-smoothing", "0.1",
          "--optimizer", "adam", "--lr", "0.003", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "10",
          "--max-tokens", "1500", "--max-update", "30", "--seed", "1", "--save-dir", str(save_dir),

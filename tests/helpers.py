@@ -35,7 +35,7 @@ def write_dictionaries(data_dir: Path, src: str = "src", tgt: str = "tgt") -> No
         (data_dir / f"dict.{lang}.txt").write_text("".join(f"{s} 1\n" for s in SYMBOLS))
 
 
-def build_tiny_model(data_dir: Path, *extra_args: str, arch: str = "moe_transformer_tiny",
+def build_tiny_model(data_dir: Path, *extra_args: str, arch: str = "moe_transformer_toy",
                      task: str = "translation"):
     """(cfg, task, model) for a translation task on a dictionary-only data dir.
 

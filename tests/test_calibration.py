@@ -13,12 +13,12 @@ ENC, DEC = "encoder.layers.1.moe_layer", "decoder.layers.1.moe_layer"
 
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory):
-    """A tiny model and a translation_moe task with --moe-calibration-out: (task, model, generator)."""
+    """A tiny model and a translation_moe_recording task with --moe-calibration-out: (task, model, generator)."""
     folder = tmp_path_factory.mktemp("calibration")
     torch.manual_seed(0)
     cfg, task, model = build_tiny_model(
         folder / "data", "--moe-calibration-out", str(folder / "out"), "--moe-calibration-tokens", "12", "--beam", "3",
-        "--moe-expert-count", "6", "--max-len-b", "7", task="translation_moe",
+        "--moe-expert-count", "6", "--max-len-b", "7", task="translation_moe_recording",
     )
     model.eval()
     generator = task.build_generator([model], cfg.generation)

@@ -50,7 +50,7 @@ def test_registration_waits_for_fairseq():
     probe = ("import sys, fairseq_moe_prune; assert 'fairseq' not in sys.modules; "
              "from fairseq.models import ARCH_MODEL_REGISTRY; from fairseq.tasks import TASK_REGISTRY; "
              "from fairseq.criterions import CRITERION_REGISTRY; from fairseq import checkpoint_utils; "
-             "print('moe_transformer_tiny' in ARCH_MODEL_REGISTRY, 'translation_moe' in TASK_REGISTRY, "
+             "print('moe_transformer_toy' in ARCH_MODEL_REGISTRY, 'translation_moe_recording' in TASK_REGISTRY, "
              "'moe_label_smoothed_cross_entropy' in CRITERION_REGISTRY, "
              "checkpoint_utils.load_checkpoint_to_cpu._moe_prune_guarded)")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)

@@ -158,7 +158,7 @@ def test_bad_input_to_stock_fairseq_generate_is_one_line(workspace, tmp_path):
     write_dictionaries(data)
     (data / "test.src-tgt.src").write_text("w1 w2\n")
     (data / "test.src-tgt.tgt").write_text("w3 w4\n")
-    base = ["fairseq-generate", str(data), "--user-dir", USER_DIR, "--task", "translation_moe", "-s", "src", "-t", "tgt",
+    base = ["fairseq-generate", str(data), "--user-dir", USER_DIR, "--task", "translation_moe_recording", "-s", "src", "-t", "tgt",
             "--dataset-impl", "raw", "--gen-subset", "test", "--beam", "1"]
     (tmp_path / "stats").mkdir()
     cases = {  # name: (extra arguments, the line expected)

@@ -12,7 +12,7 @@ GENERATE = ["--gen-subset", "test", "--beam", "3", "--max-tokens", "400", "--max
 
 
 def tiny_moe_parameters(vocabulary: int) -> int:
-    """moe_transformer_tiny's parameter count from its shapes, with one embedding shared by all three uses:
+    """moe_transformer_toy's parameter count from its shapes, with one embedding shared by all three uses:
     2+2 post-norm layers of width 32 and FFN 64, layers 1 MoE with 4 experts and a bias-free gate."""
     dim, ffn, experts = 32, 64, 4
     attention = 4 * (dim * dim + dim)  # q, k, v, out projections with biases

@@ -25,7 +25,7 @@ def task_args(corpus):
 def task_trained(corpus, tmp_path_factory) -> Path:
     """A tiny task-MoE: both MoE layers route by task (encoder by source, decoder by target language)."""
     save_dir = tmp_path_factory.mktemp("task_model")
-    run_cli(["fairseq-train", *task_args(corpus), "--arch", "moe_transformer_tiny", "--share-all-embeddings",
+    run_cli(["fairseq-train", *task_args(corpus), "--arch", "moe_transformer_toy", "--share-all-embeddings",
              "--moe-task-routing", "both", "--moe-task", "target",
              "--criterion", "moe_label_smoothed_cross_entropy", "--moe-gate-loss-wt", "0.01",
              "--label-smoothing", "0.1", "--optimizer", "adam", "--lr", "0.003", "--lr-scheduler", "inverse_sqrt",

@@ -52,7 +52,7 @@ def test_per_language_pruned_model_with_uneven_layers_translates_and_fine_tunes(
     lines = generate(corpus, out / "eng_Latn-deu_Latn.pt")
     assert len([line for line in lines if line.startswith("H-")]) == 30
 
-    train = run_cli(["fairseq-train", *multilingual_args(corpus), "--arch", "moe_transformer_tiny",
+    train = run_cli(["fairseq-train", *multilingual_args(corpus), "--arch", "moe_transformer_toy",
                      "--share-all-embeddings", "--finetune-from-model", str(out / "eng_Latn-deu_Latn.pt"),
                      "--criterion", "moe_label_smoothed_cross_entropy", "--optimizer", "adam", "--lr", "0.001",
                      "--max-tokens", "1500", "--max-update", "3", "--save-dir", str(tmp_path / "ft"),

@@ -32,7 +32,7 @@ def recorded(tmp_path):
     torch.manual_seed(0)
     cfg, task, model = build_tiny_model(
         tmp_path / "data", "--moe-expert-count", str(EXPERTS), "--moe-stats-out", str(tmp_path / "stats.json"),
-        "--beam", "3", "--max-len-b", "6", task="translation_moe",
+        "--beam", "3", "--max-len-b", "6", task="translation_moe_recording",
     )
     model.eval()
     save_like_trainer(cfg, model, tmp_path / "model.pt")

@@ -174,7 +174,7 @@ def test_pruned_and_skipping_checkpoint_translates_counts_skips_and_fine_tunes(c
     off = stats.load(str(tmp_path / "off.json")).pairs["eng_Latn-deu_Latn"].layers
     assert all(counts.skipped.sum() == 0 for counts in off.values())
 
-    train = run_cli(["fairseq-train", *multilingual_args(corpus), "--arch", "moe_transformer_tiny",
+    train = run_cli(["fairseq-train", *multilingual_args(corpus), "--arch", "moe_transformer_toy",
                      "--share-all-embeddings", "--finetune-from-model", str(checkpoint),
                      "--criterion", "moe_label_smoothed_cross_entropy", "--optimizer", "adam", "--lr", "0.001",
                      "--max-tokens", "1500", "--max-update", "3", "--save-dir", str(tmp_path / "ft"),

@@ -22,7 +22,7 @@ def recording_task(tmp_path: Path, *extra: str):
     torch.manual_seed(0)
     cfg, task, model = build_tiny_model(
         tmp_path / "data", "--moe-stats-out", str(tmp_path / "stats.json"), "--beam", "3",
-        "--moe-expert-count", "6", "--max-len-b", "7", *extra, task="translation_moe",
+        "--moe-expert-count", "6", "--max-len-b", "7", *extra, task="translation_moe_recording",
     )
     model.eval()
     with torch.no_grad():  # make EOS likely enough that hypotheses end at different lengths

@@ -342,9 +342,10 @@ def moe_base_architecture(args):
     base_architecture(args)
 
 
-@register_model_architecture("moe_transformer", "moe_transformer_tiny")
-def moe_transformer_tiny(args):
-    """For tests: 2+2 layers of width 32, 4 experts in layers 1 of encoder and decoder."""
+@register_model_architecture("moe_transformer", "moe_transformer_toy")
+def moe_transformer_toy(args):
+    """A toy size, to try the plugin in seconds (README) and for the tests: 2+2 layers of width 32, 4 experts
+    in layers 1 of encoder and decoder."""
     _set_defaults(
         args,
         encoder_embed_dim=32,

@@ -44,7 +44,7 @@ def test_fairseq_checkpoint_with_namespace_config_loads(tmp_path):
     cfg, _, model = build_tiny_model(tmp_path / "data")
     save_like_trainer(cfg, model, tmp_path / "good.pt")
     state = load_checkpoint(str(tmp_path / "good.pt"))
-    assert state["cfg"]["model"].arch == "moe_transformer_tiny"  # an argparse.Namespace
+    assert state["cfg"]["model"].arch == "moe_transformer_toy"  # an argparse.Namespace
 
 
 def test_library_refuses_code_executing_pickle(malicious_checkpoint):
@@ -104,7 +104,7 @@ def legacy_checkpoints(tmp_path):
 
 def test_legacy_format_is_scanned_too(legacy_checkpoints):
     folder, marker = legacy_checkpoints
-    assert load_checkpoint(str(folder / "legacy.pt"))["cfg"]["model"].arch == "moe_transformer_tiny"
+    assert load_checkpoint(str(folder / "legacy.pt"))["cfg"]["model"].arch == "moe_transformer_toy"
     for name in ("evil-legacy.pt", "evil-first-pickle.pt"):
         with pytest.raises(UnsafeCheckpointError, match=r"it pickles posix\.system"):
             load_checkpoint(str(folder / name))

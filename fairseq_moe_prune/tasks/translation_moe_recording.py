@@ -12,10 +12,10 @@ from fairseq_moe_prune.tasks.recording_hook import (
 
 
 @dataclass
-class TranslationMoEConfig(TranslationConfig, GateRecordingConfig):
+class TranslationMoERecordingConfig(TranslationConfig, GateRecordingConfig):
     pass
 
 
-@register_task("translation_moe", dataclass=TranslationMoEConfig)
-class TranslationMoETask(GateRecordingMixin, TranslationTask):
+@register_task("translation_moe_recording", dataclass=TranslationMoERecordingConfig)
+class TranslationMoERecordingTask(GateRecordingMixin, TranslationTask):
     pass
