@@ -250,7 +250,8 @@ class DeviceExperts:
 
     def run(self, layer: "MoELayer", chunks: List[Tensor], skip_empty: bool) -> List[Tensor]:
         outputs = []
-        for expert, device, chunk in zip(layer.experts, layer.experts.device_of, chunks):
+        placed: PlacedExperts = layer.experts
+        for expert, device, chunk in zip(placed, placed.device_of, chunks):
             if skip_empty and chunk.shape[0] == 0:
                 continue
             outputs.append(expert(chunk.to(device)).to(chunk.device))
