@@ -323,7 +323,7 @@ def view(calibration: Calibration, granularity: str, name: str, prefix: str) -> 
             source, target = split_pair(name)
         else:
             source = target = name
-        encoder = prefix.startswith("encoder.")
+        encoder = MoELayerSpec.from_prefix(prefix, 0).side == "encoder"
         language = source if encoder else target
         pairs = [p for p in sorted(calibration.pairs) if split_pair(p)[0 if encoder else 1] == language]
         what = f"{language} as a {'source' if encoder else 'target'}"

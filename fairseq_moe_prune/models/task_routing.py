@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 
 from fairseq_moe_prune.models.layout import MoEConfigError, config_value
+from fairseq_moe_prune import stats
+from fairseq_moe_prune.stats import StatsError
 
 TASK_ROUTING = ("none", "decoder", "both")
 TASKS = ("target", "pair")
@@ -39,10 +41,11 @@ def split_list(text: Optional[str]) -> List[str]:
 
 
 def split_pair(pair: str) -> Tuple[str, str]:
-    parts = pair.split("-")
-    if len(parts) != 2 or not all(parts):
-        raise MoEConfigError(f"a language pair is SRC-TGT, got {pair!r}")
-    return parts[0], parts[1]
+    """``stats.split_pair`` (the one rule for a pair's names), its refusal as a model-config error."""
+    try:
+        return stats.split_pair(pair)
+    except StatsError as error:
+        raise MoEConfigError(str(error)) from None
 
 
 def task_routing(cfg: Any) -> str:
