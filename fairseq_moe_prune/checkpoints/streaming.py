@@ -298,14 +298,8 @@ class CheckpointRecords(Mapping[str, Tensor]):
             if self.mapped is None:
                 self.mapped = CheckpointSource(self.path)
             return self.mapped[key]
-        tensor = torch.empty(meta.shape, dtype=meta.dtype)
-        if info.file_size == 0:
-            return tensor
-        data = memoryview(tensor.view(-1).view(torch.uint8).numpy())
-        if os.preadv(self.fd, [data], meta.untyped_storage()._checkpoint_offset) != len(data):
-            raise CheckpointError(f"{self.path}: {key} runs past the end of the file (truncated?)")
-        verify_record(self.path, info.filename, info.CRC, self.version, data)
-        return tensor
+        return self.read_checked(key, meta.shape, meta.dtype, info, meta.untyped_storage()._checkpoint_offset,
+                                 self.version)
 
     def prefetch(self, keys: List[str]) -> None:
         """Ask the kernel to start reading these tensors' records (local header and bytes) now, all at once."""
@@ -331,14 +325,21 @@ class CheckpointRecords(Mapping[str, Tensor]):
             if self.mapped is None:
                 self.mapped = CheckpointSource(self.path)
             return self.mapped[key]
-        tensor = torch.empty(meta.shape, dtype=meta.dtype)
+        tensor = self.read_checked(key, meta.shape, meta.dtype, info, pickle_index.data_offset(self.fd, info),
+                                   self.index.version)
+        self.crcs[key] = info.CRC
+        return tensor
+
+    def read_checked(self, key: str, shape, dtype: torch.dtype, info: zipfile.ZipInfo, offset: int,
+                     version: Tuple[int, int]) -> Tensor:
+        """One pread of a stored record's bytes at ``offset`` into a new tensor, its CRC-32 checked."""
+        tensor = torch.empty(shape, dtype=dtype)
         if info.file_size == 0:
             return tensor
         data = memoryview(tensor.view(-1).view(torch.uint8).numpy())
-        if os.preadv(self.fd, [data], pickle_index.data_offset(self.fd, info)) != len(data):
+        if os.preadv(self.fd, [data], offset) != len(data):
             raise CheckpointError(f"{self.path}: {key} runs past the end of the file (truncated?)")
-        verify_record(self.path, info.filename, info.CRC, self.index.version, data)
-        self.crcs[key] = info.CRC
+        verify_record(self.path, info.filename, info.CRC, version, data)
         return tensor
 
     def __contains__(self, key: object) -> bool:
