@@ -55,3 +55,17 @@ def trained(corpus, tmp_path_factory) -> Path:
     )
     (save_dir / "train.log").write_text(result.stdout + result.stderr)
     return save_dir / "checkpoint_last.pt"
+
+
+@pytest.fixture(scope="session")
+def recorded_test_set(corpus, trained, tmp_path_factory) -> Path:
+    """One recording run per direction (eng->deu, deu->eng) over the test set: statistics ``{pair}.json`` and
+    calibration samples in ``calibration/``, both from the same fairseq-generate."""
+    folder = tmp_path_factory.mktemp("recorded")
+    for source, target in (("eng_Latn", "deu_Latn"), ("deu_Latn", "eng_Latn")):
+        run_cli(["fairseq-generate", *multilingual_args(corpus, "translation_multi_simple_epoch_moe"),
+                 "--path", str(trained), "--source-lang", source, "--target-lang", target, "--gen-subset", "test",
+                 "--beam", "2", "--max-len-b", "30", "--required-batch-size-multiple", "1",
+                 "--moe-stats-out", str(folder / f"{source}-{target}.json"),
+                 "--moe-calibration-out", str(folder / "calibration"), "--moe-calibration-tokens", "256"])
+    return folder

@@ -14,16 +14,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def recorded_stats(corpus, trained, tmp_path_factory):
+def recorded_stats(recorded_test_set, tmp_path_factory):
     """Statistics of eng->deu and deu->eng on the test set, merged."""
     folder = tmp_path_factory.mktemp("stats")
-    for source, target in (("eng_Latn", "deu_Latn"), ("deu_Latn", "eng_Latn")):
-        run_cli(["fairseq-generate", *multilingual_args(corpus, "translation_multi_simple_epoch_moe"),
-                 "--path", str(trained), "--source-lang", source, "--target-lang", target, "--gen-subset", "test",
-                 "--beam", "2", "--max-len-b", "30", "--required-batch-size-multiple", "1",
-                 "--moe-stats-out", str(folder / f"{source}-{target}.json")])
     run_cli(["fairseq-moe-prune", "stats", "merge", str(folder / "all.json"),
-             str(folder / "eng_Latn-deu_Latn.json"), str(folder / "deu_Latn-eng_Latn.json")])
+             str(recorded_test_set / "eng_Latn-deu_Latn.json"),
+             str(recorded_test_set / "deu_Latn-eng_Latn.json")])
     return folder / "all.json"
 
 

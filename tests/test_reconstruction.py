@@ -139,15 +139,9 @@ def generate(corpus, checkpoint, *extra):
 
 
 @pytest.fixture(scope="module")
-def calibrated(corpus, trained, tmp_path_factory):
+def calibrated(recorded_test_set):
     """Calibration samples of eng->deu and deu->eng on the test set, in one folder."""
-    folder = tmp_path_factory.mktemp("calibration")
-    for source, target in (("eng_Latn", "deu_Latn"), ("deu_Latn", "eng_Latn")):
-        run_cli(["fairseq-generate", *multilingual_args(corpus, "translation_multi_simple_epoch_moe"),
-                 "--path", str(trained), "--source-lang", source, "--target-lang", target, "--gen-subset", "test",
-                 "--beam", "2", "--max-len-b", "30", "--required-batch-size-multiple", "1",
-                 "--moe-calibration-out", str(folder), "--moe-calibration-tokens", "256"])
-    return folder
+    return recorded_test_set / "calibration"
 
 
 @pytest.mark.slow
