@@ -245,3 +245,22 @@ def test_the_decoder_pass_stops_at_the_last_moe_layer_and_counts_as_a_full_forwa
     prefix = "decoder.layers.1.moe_layer"
     assert_layer_equal(recorded.layers[prefix],
                        brute_force_counts(model.get_submodule(prefix), *gates[prefix], prev.eq(PAD).reshape(-1)))
+
+
+@pytest.mark.parametrize("task_name", ["translation_moe_recording", "translation_multi_simple_epoch_moe"])
+def test_the_decoder_pass_reuses_the_generators_encoder_output(tmp_path, task_name):
+    """One encoder forward per batch: the pass takes what the generator computed (fairseq's
+    translation_multi_simple_epoch drops the generator class it is given, so the task swaps the ensemble in)."""
+    extra = ["--langs", "src,tgt", "--lang-pairs", "src-tgt"] if task_name.startswith("translation_multi") else []
+    torch.manual_seed(0)
+    cfg, task, model = build_tiny_model(tmp_path / "data", "--moe-stats-out", str(tmp_path / "stats.json"),
+                                        "--beam", "3", "--max-len-b", "7", *extra, task=task_name)
+    model.eval()
+    generator = task.build_generator([model], cfg.generation)
+    calls = []
+    # the generator calls the encoder's forward_torchscript, not the module: count its first layer's calls
+    handle = model.encoder.layers[0].register_forward_hook(lambda module, inputs, output: calls.append(1))
+    task.inference_step(generator, [model], sample_for(*random_batch()))
+    handle.remove()
+    assert len(calls) == 1
+    assert task.recorder.snapshot().pairs["src-tgt"].layers["decoder.layers.1.moe_layer"].tokens > 0

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from fairseq.data import data_utils
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
-from fairseq.sequence_generator import EnsembleModel, SequenceGenerator
+from fairseq.sequence_generator import EnsembleModel
 from torch import Tensor
 
 from fairseq_moe_prune import calibration, stats
@@ -109,7 +109,8 @@ class StatsWriter:
 
 class EncoderKeepingEnsemble(EnsembleModel):
     """fairseq's ensemble wrapper, keeping what the encoder returned for the batch being generated, so that
-    the decoder pass after generation needs no second encoder run."""
+    the decoder pass after generation needs no second encoder run. The task puts it in the generator it
+    builds (:meth:`GateRecordingMixin.build_generator`)."""
 
     def __init__(self, models):
         super().__init__(models)
@@ -118,13 +119,6 @@ class EncoderKeepingEnsemble(EnsembleModel):
     def forward_encoder(self, net_input: Dict[str, Tensor]):
         self.encoder_outs = super().forward_encoder(net_input)
         return self.encoder_outs
-
-
-class RecordingSequenceGenerator(SequenceGenerator):
-    """fairseq's beam search over an :class:`EncoderKeepingEnsemble`; built by the task when recording."""
-
-    def __init__(self, models, tgt_dict, **kwargs):
-        super().__init__(EncoderKeepingEnsemble(models), tgt_dict, **kwargs)
 
 
 def exit_on_sigterm(signum: int, frame: Any) -> None:
@@ -160,9 +154,12 @@ class GateRecordingMixin:
     def build_generator(self, models, args, **kwargs):
         path = self._recording_option("moe_stats_out")
         calibration_out = self._recording_option("moe_calibration_out")
-        if (path or calibration_out) and kwargs.get("seq_gen_cls") is None and not getattr(args, "print_alignment", False):
-            kwargs["seq_gen_cls"] = RecordingSequenceGenerator
         generator = super().build_generator(models, args, **kwargs)
+        if (path or calibration_out) and type(getattr(generator, "model", None)) is EnsembleModel:
+            # fairseq's beam search over our ensemble, which keeps the encoder output for the decoder pass;
+            # put in after the build since translation_multi_simple_epoch drops a seq_gen_cls it is given.
+            # Other generators (--print-alignment's) keep theirs, and the pass runs the encoder again.
+            generator.model = EncoderKeepingEnsemble(list(generator.model.models)).eval()
         self.close_recording()  # a generator built before this one stops writing
         if path or calibration_out:
             if len(models) != 1:
