@@ -9,7 +9,8 @@ per sentence and beam), inference on 4,096 tokens (an encoder batch), and forwar
 median of repeated timings. Inference cases also time the layer's experts alone on the tokens its gate
 routes to them (no gate, dispatch or combine): what is left of the gap to the dense FFN is then the
 experts' own arithmetic, which at a decoding step reads all routed experts' weights (8 times the dense
-FFN's bytes when all 16 experts are used) in small matrix products.
+FFN's bytes when all 16 experts are used) in small matrix products; and the same arithmetic as one
+batched product over stacked weights (what a layer storing its experts stacked could approach).
 
 The headline lines read ``ratio to dense, <case>: X`` where X = dense FFN time / MoE layer time:
 higher is better, 1.0 means the MoE layer is as fast as the dense FFN it replaces (its routing
@@ -89,9 +90,31 @@ class ExpertsAlone(torch.nn.Module):
         return [expert(chunk) for expert, chunk in zip(self.moe.experts, self.chunks) if chunk.shape[0] > 0]
 
 
+class BatchedExpertsAlone(ExpertsAlone):
+    """The same arithmetic as one batched product per matrix (``torch.baddbmm``) over weights stacked once
+    (experts, in, out) and each expert's tokens padded to the largest group, all built outside the timing:
+    what a layer could approach if it kept its experts stacked instead of as NLLB's per-expert modules."""
+
+    def __init__(self, moe: MoELayer, x: torch.Tensor):
+        super().__init__(moe, x)
+        experts = list(moe.experts)
+        self.fc1_weight = torch.stack([e.fc1.weight.t() for e in experts])  # (E, dim, ffn)
+        self.fc1_bias = torch.stack([e.fc1.bias for e in experts])[:, None, :]
+        self.fc2_weight = torch.stack([e.fc2.weight.t() for e in experts])  # (E, ffn, dim)
+        self.fc2_bias = torch.stack([e.fc2.bias for e in experts])[:, None, :]
+        largest = max(chunk.shape[0] for chunk in self.chunks)
+        self.padded = x.new_zeros(len(experts), largest, x.shape[-1])
+        for j, chunk in enumerate(self.chunks):
+            self.padded[j, : chunk.shape[0]] = chunk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(torch.baddbmm(self.fc1_bias, self.padded, self.fc1_weight))
+        return torch.baddbmm(self.fc2_bias, hidden, self.fc2_weight)
+
+
 def run_case(tokens: int, training: bool, device: str, repeats: int) -> Tuple[float, ...]:
-    """Median (dense wall, MoE wall, dense CPU, MoE CPU, experts-alone wall) seconds per call
-    (experts alone: inference cases only, else 0)."""
+    """Median (dense wall, MoE wall, dense CPU, MoE CPU, experts-alone wall, experts-alone batched wall)
+    seconds per call (experts alone: inference cases only, else 0)."""
     moe, dense = build(device)
     moe.train(training)
     dense.train(training)
@@ -102,25 +125,29 @@ def run_case(tokens: int, training: bool, device: str, repeats: int) -> Tuple[fl
         timed(dense, x, training, calls, device)
         timed(moe, x, training, calls, device)
     alone = None if training else ExpertsAlone(moe, x)
+    batched = None if training else BatchedExpertsAlone(moe, x)
     samples: List[Tuple[float, ...]] = []
     for _ in range(repeats):
         dense_wall, dense_cpu = timed(dense, x, training, calls, device)
         moe_wall, moe_cpu = timed(moe, x, training, calls, device)
         alone_wall = 0.0 if alone is None else timed(alone, x, training, calls, device)[0]
-        samples.append((dense_wall, moe_wall, dense_cpu, moe_cpu, alone_wall))
-    return tuple(statistics.median(s[i] for s in samples) for i in range(5))
+        batched_wall = 0.0 if batched is None else timed(batched, x, training, calls, device)[0]
+        samples.append((dense_wall, moe_wall, dense_cpu, moe_cpu, alone_wall, batched_wall))
+    return tuple(statistics.median(s[i] for s in samples) for i in range(6))
 
 
 def report(device: str, repeats: int, print_line: Callable[[str], None]) -> None:
     suffix = "" if device == "cpu" else " on GPU"
     for name, tokens, training in CASES:
-        dense_wall, moe_wall, dense_cpu, moe_cpu, alone_wall = run_case(tokens, training, device, repeats)
+        dense_wall, moe_wall, dense_cpu, moe_cpu, alone_wall, batched_wall = run_case(tokens, training, device, repeats)
         print_line(f"  {name}: dense {dense_wall * 1e3:.3f} ms, MoE {moe_wall * 1e3:.3f} ms per call"
                    + (f" (CPU time: dense {dense_cpu * 1e3:.3f} ms, MoE {moe_cpu * 1e3:.3f} ms, "
                       f"ratio {dense_cpu / moe_cpu:.2f})" if device == "cpu" else ""))
         if alone_wall > 0:
             print_line(f"  {name}: the experts alone on the same routed tokens {alone_wall * 1e3:.3f} ms "
-                       f"(gate, dispatch and combine take {100 * (1 - alone_wall / moe_wall):.0f}% of the MoE layer)")
+                       f"(gate, dispatch and combine take {100 * (1 - alone_wall / moe_wall):.0f}% of the MoE layer); "
+                       f"as one batched product over stacked weights {batched_wall * 1e3:.3f} ms "
+                       f"(dense / that: {dense_wall / batched_wall:.2f})")
         print_line(f"ratio to dense{suffix}, {name}: {dense_wall / moe_wall:.2f}")
 
 
