@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fairseq_moe_prune.files import atomic_open
+from fairseq_moe_prune.files import WrittenAtExit, atomic_open
 from fairseq_moe_prune.models.layout import MoELayerSpec
 from fairseq_moe_prune.moe.layer import RoutingRecord
 from fairseq_moe_prune.stats import Fingerprint, StatsError, split_pair
@@ -330,26 +330,17 @@ def view(calibration: Calibration, granularity: str, name: str, prefix: str) -> 
     return pool([calibration.pairs[p][prefix] for p in pairs if prefix in calibration.pairs[p]]), what
 
 
-class CalibrationWriter:
-    """Writes the sampler's committed samples to ``{folder}/{pair}.safetensors`` when the process ends."""
+class CalibrationWriter(WrittenAtExit):
+    """Writes the sampler's committed samples to ``{folder}/{pair}.safetensors``: empty at the start, then
+    when the process ends (SIGTERM included) or the recording closes."""
 
     def __init__(self, sampler: CalibrationSampler, folder: str, pair: str):
-        import atexit
-
         self.sampler = sampler
         self.path = os.path.join(folder, file_name(pair))
-        self.write()  # a valid (empty) file from the start
-        atexit.register(self.write)
+        self.open()
 
     def write(self) -> None:
         save(self.sampler.snapshot(), self.path)
-
-    def close(self) -> None:
-        """Write the file a last time and no more at exit."""
-        import atexit
-
-        self.write()
-        atexit.unregister(self.write)
 
 
 def attach(recorder: Any, folder: str, tokens: int, seed: int, pair: str) -> CalibrationWriter:

@@ -7,6 +7,7 @@ SIGINT and SIGTERM wait while a temporary file or folder is being created, so th
 exists under a name the cleanup knows.
 """
 
+import atexit
 import contextlib
 import errno
 import hashlib
@@ -15,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 from typing import IO, Iterator, List
 
@@ -128,3 +130,37 @@ def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def exit_on_sigterm(signum: int, frame) -> None:
+    """SIGTERM ends the process through ``sys.exit``, so that the files written at exit are written."""
+    sys.exit(128 + signum)
+
+
+class WrittenAtExit:
+    """A file kept in memory: written (atomically, by the subclass's ``write``) when :meth:`open` is called,
+    once more when the process ends, SIGTERM included, and a last time on :meth:`close`.
+
+    SIGTERM would otherwise kill the process without running atexit (a Slurm job at its time limit): the
+    first such file opened turns it into ``sys.exit`` (unless someone else installed a handler, which is left
+    alone) and gives the default action back when it closes."""
+
+    sigterm_installed = False
+
+    def write(self) -> None:
+        raise NotImplementedError
+
+    def open(self) -> None:
+        self.write()  # a valid file from the start
+        atexit.register(self.write)
+        self.sigterm_installed = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        if self.sigterm_installed:
+            signal.signal(signal.SIGTERM, exit_on_sigterm)
+
+    def close(self) -> None:
+        """Write the file a last time, and no more at exit."""
+        self.write()
+        atexit.unregister(self.write)
+        if self.sigterm_installed and signal.getsignal(signal.SIGTERM) is exit_on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        self.sigterm_installed = False

@@ -1,12 +1,17 @@
 """Calibration samples: the recorded tokens' real MoE inputs, gate softmax and outputs; bounded, seeded, mergeable."""
 
+import os
+import signal
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from fairseq_moe_prune import calibration
 from fairseq_moe_prune.recording import Recorder
 from tests.helpers import build_tiny_model, random_batch
-from tests.test_recording import PAD, gate_inputs, sample_for
+from tests.test_recording import PAD, REPO, gate_inputs, sample_for
 
 ENC, DEC = "encoder.layers.1.moe_layer", "decoder.layers.1.moe_layer"
 
@@ -101,3 +106,30 @@ def test_hostile_files_are_refused_with_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(calibration.CalibrationError, match="no calibration files"):
         calibration.load(str(tmp_path / "empty"))
+
+
+# A run with --moe-calibration-out alone, stopped by SIGTERM after one batch (as Slurm stops a job at its limit).
+CALIBRATION_THEN_SIGTERM = """
+import os, signal, sys
+from pathlib import Path
+import torch
+from tests.helpers import build_tiny_model, random_batch
+from tests.test_recording import sample_for
+folder = Path(sys.argv[1])
+torch.manual_seed(0)
+cfg, task, model = build_tiny_model(folder / "data", "--moe-calibration-out", str(folder / "out"), "--beam", "3",
+                                    "--moe-expert-count", "6", "--max-len-b", "7", task="translation_moe_recording")
+model.eval()
+generator = task.build_generator([model], cfg.generation)
+task.inference_step(generator, [model], sample_for(*random_batch()))
+os.kill(os.getpid(), signal.SIGTERM)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_keeps_the_finished_batches_samples_without_a_statistics_file(tmp_path):
+    result = subprocess.run([sys.executable, "-c", CALIBRATION_THEN_SIGTERM, str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+    samples = calibration.load(str(tmp_path / "out" / "src-tgt.safetensors")).pairs["src-tgt"]
+    assert samples[DEC].seen > 0 and samples[DEC].size > 0 and samples[ENC].size > 0

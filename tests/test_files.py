@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from fairseq_moe_prune import cli
+from fairseq_moe_prune import cli, files
 from fairseq_moe_prune.files import owner
 from tests.helpers import tiny_checkpoint_with_stats
 
@@ -67,3 +67,30 @@ def test_the_leftovers_of_a_killed_run_are_removed_by_the_next_run(tmp_path, cap
     assert cli.main(["prune", str(checkpoint), "--stats", str(stats_path), "--out", str(out / "pruned"),
                      "--prune-fraction", "0.5", "--ratio", "1:1"]) == 0
     assert sorted(os.listdir(out)) == sorted([*alive, "pruned"])
+
+
+class Noted(files.WrittenAtExit):
+    def __init__(self):
+        self.writes = 0
+        self.open()
+
+    def write(self) -> None:
+        self.writes += 1
+
+
+def test_sigterm_exits_through_atexit_from_the_first_file_written_at_exit_until_it_closes():
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        first, second = Noted(), Noted()
+        assert signal.getsignal(signal.SIGTERM) is files.exit_on_sigterm and (first.writes, second.writes) == (1, 1)
+        second.close()
+        assert signal.getsignal(signal.SIGTERM) is files.exit_on_sigterm and second.writes == 2
+        first.close()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # someone else's handler is left alone
+        third = Noted()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        third.close()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -14,13 +14,10 @@ forward (the tests recount them from one), and an incremental step computes the 
 the last float bits (1e-7 here), which moves probability sums kept at 2**32 resolution.
 """
 
-import atexit
 import inspect
 import logging
 import os
 import re
-import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -32,6 +29,7 @@ from fairseq.sequence_generator import EnsembleModel
 from torch import Tensor
 
 from fairseq_moe_prune import calibration, stats
+from fairseq_moe_prune.files import WrittenAtExit, exit_on_sigterm  # noqa: F401 (exit_on_sigterm: also ours)
 from fairseq_moe_prune.models.moe_transformer import MoETransformerDecoder
 from fairseq_moe_prune.recording import Recorder
 
@@ -60,7 +58,7 @@ class GateRecordingConfig(FairseqDataclass):
     )
 
 
-class StatsWriter:
+class StatsWriter(WrittenAtExit):
     """Writes the recorder's committed counts now and then, and once more when the process ends.
 
     The file lists the run (an identity and the size of the subset it was given), so that
@@ -76,21 +74,9 @@ class StatsWriter:
         self.recorder, self.path, self.every_seconds = recorder, path, every_seconds
         self.subset, self.subset_sentences = subset, subset_sentences
         self.last_write = time.monotonic()
-        self.write()  # a valid (empty) file from the start
-        # written once more when the process ends, SIGTERM included (it then exits through atexit);
-        # close() takes both back, so a task that builds a second generator leaves no stale writer behind
-        atexit.register(self.write)
-        self.sigterm_installed = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-        if self.sigterm_installed:
-            signal.signal(signal.SIGTERM, exit_on_sigterm)
-
-    def close(self) -> None:
-        """Write the file a last time and take back the exit and SIGTERM handlers."""
-        self.write()
-        atexit.unregister(self.write)
-        if self.sigterm_installed and signal.getsignal(signal.SIGTERM) is exit_on_sigterm:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        self.sigterm_installed = False
+        # written now, at exit (SIGTERM included) and on close(), so that a task that builds a second
+        # generator leaves no stale writer behind
+        self.open()
 
     def write(self) -> None:
         recorded = self.recorder.snapshot()
@@ -119,11 +105,6 @@ class EncoderKeepingEnsemble(EnsembleModel):
     def forward_encoder(self, net_input: Dict[str, Tensor]):
         self.encoder_outs = super().forward_encoder(net_input)
         return self.encoder_outs
-
-
-def exit_on_sigterm(signum: int, frame: Any) -> None:
-    """SIGTERM ends the process through ``sys.exit``, so that atexit writes the statistics file."""
-    sys.exit(128 + signum)
 
 
 class GateRecordingMixin:
