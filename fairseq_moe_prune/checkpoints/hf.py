@@ -47,6 +47,7 @@ from fairseq_moe_prune.models.layout import (
     gate_key,
     moe_freq,
     moe_layers,
+    skip_betas,
 )
 
 # An MoE layer's prefix with the table's placeholders: our names of its weights come from models/layout.py
@@ -141,6 +142,9 @@ def hf_config(config: Any, vocab_size: int, dtype: torch.dtype) -> Any:
     if str(config_value(config, "moe_task_routing", "none")) != "none":
         raise CheckpointError("Hugging Face's NllbMoe routes by token; this model routes by task "
                               "(fairseq-moe-prune extract writes its sub-networks as plain fairseq transformers)")
+    if any(beta > 0 for beta in skip_betas(config)):
+        raise CheckpointError("Hugging Face's NllbMoe has no dynamic expert skipping; this model skips second "
+                              "experts (moe_skip_betas): convert a checkpoint pruned without --skip-beta")
     if config_value(config, "encoder_ffn_dims") or config_value(config, "decoder_ffn_dims"):
         raise CheckpointError("Hugging Face's NllbMoe has one FFN width per side; this model has per-layer widths")
     for name in ("encoder_normalize_before", "decoder_normalize_before", "share_all_embeddings"):

@@ -173,6 +173,10 @@ def test_refusals_are_one_line_errors_and_leave_no_output(fairseq_checkpoint, hf
         convert(str(path), str(tmp_path), "sharded", force=True)
     with pytest.raises(CheckpointError, match="is a hf checkpoint, not single"):
         convert(str(hf_folder[0]), str(tmp_path / "x.pt"), "single", source_format="single")
+    cfg, _, skipping = build_tiny_model(tmp_path / "data3", *NLLB_OPTIONS, "--moe-skip-betas", "0.3,0")
+    save_like_trainer(cfg, skipping, tmp_path / "skipping.pt")
+    with pytest.raises(CheckpointError, match="no dynamic expert skipping"):  # HF would drop the betas silently
+        convert(str(tmp_path / "skipping.pt"), str(tmp_path / "hf"), "hf")
     assert not (tmp_path / "hf").exists()
     assert isinstance(load_checkpoint(str(path))["cfg"]["model"], argparse.Namespace)  # input untouched, readable
 
