@@ -28,9 +28,11 @@ def register() -> None:
     logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
 
     from fairseq_moe_prune.checkpoints.safe_load import guard_fairseq_loading, install_allowlist
+    from fairseq_moe_prune.errors import install_excepthook
 
     install_allowlist()
     guard_fairseq_loading()
+    install_excepthook()  # our errors in fairseq's commands (a refused model config): one line, no traceback
 
     from fairseq_moe_prune import criterions, tasks  # noqa: F401  (registration)
     from fairseq_moe_prune.models import moe_transformer  # noqa: F401  (registration)

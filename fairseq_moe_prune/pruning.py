@@ -30,6 +30,7 @@ from fairseq_moe_prune.checkpoints.surgery import (
 from fairseq_moe_prune.files import write_atomic
 from fairseq_moe_prune.fingerprint import weights_fingerprint
 from fairseq_moe_prune.models.layout import MoELayerSpec, config_value
+from fairseq_moe_prune.models.task_routing import check_skipping
 from fairseq_moe_prune.ranking import (
     GRANULARITIES,
     Budget,
@@ -231,6 +232,9 @@ def prune(checkpoint_path: str, out_dir: str, options: PruneOptions, stats_path:
             raise SelectionError("give --stats or --experts-json")
         outputs, per_language = plan(stats, checkpoint.specs, options, imported)
     betas = {name: skip_betas(calibration, checkpoint.specs, options, name, choice) for name, choice in outputs.items()}
+    for layer_betas in betas.values():
+        if layer_betas is not None:
+            check_skipping(checkpoint.config, layer_betas)
 
     with staged_directory(out_dir, force) as staging:
         return write_outputs(checkpoint, outputs, per_language, staging, options, stats_path, experts_json_in,

@@ -116,3 +116,14 @@ def test_extract_refuses_in_one_line(case, message, trained, pair_routed, tmp_pa
     error = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(error) == 1 and message in error[0], error
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_skipping_betas_on_task_routed_layers_are_refused_in_one_line(corpus, task_trained):
+    """Dynamic skipping acts on token routing: a task-MoE given betas says so instead of ignoring them."""
+    result = run_cli(["fairseq-generate", *task_args(corpus), "--path", str(task_trained), "--source-lang", "eng_Latn",
+                      "--target-lang", "deu_Latn", "--gen-subset", "test", "--beam", "2",
+                      "--model-overrides", "{'moe_skip_betas': '0.3,0'}"], check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "encoder.layers.1.moe_layer routes by task" in last

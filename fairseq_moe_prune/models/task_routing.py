@@ -23,7 +23,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fairseq_moe_prune.models.layout import MoEConfigError, config_value
+from fairseq_moe_prune.models.layout import MoEConfigError, config_value, moe_layers, skip_betas
 from fairseq_moe_prune import stats
 from fairseq_moe_prune.stats import StatsError
 
@@ -120,6 +120,15 @@ class TaskSpace:
         return self.langs.index(lang)
 
 
+def check_skipping(cfg: Any, betas: List[float]) -> None:
+    """Dynamic skipping acts where a layer routes by token: a beta for a task-routed layer is refused (it
+    would be ignored). ``betas``: one per MoE layer, in layout order."""
+    for spec, beta in zip(moe_layers(cfg), betas):
+        if beta > 0 and routes_by_task(cfg, spec.side):
+            raise MoEConfigError(f"dynamic skipping (moe_skip_betas) acts on token routing; {spec.prefix} "
+                                 "routes by task")
+
+
 def configure(args: Any, task: Any) -> None:
     """Fill in the task fields of a model about to be trained from the training task, and check the flags.
 
@@ -141,6 +150,7 @@ def configure(args: Any, task: Any) -> None:
         raise MoEConfigError("task routing needs the target language token as the decoder's first input: "
                              "add --lang-tok-replacing-bos-eos (to training and translation alike)")
     TaskSpace.from_config(args)  # fail early on inconsistent fields
+    check_skipping(args, skip_betas(args))
 
 
 class TaskLookup(torch.nn.Module):
