@@ -173,12 +173,16 @@ def test_refusals_are_one_line_errors_and_leave_no_output(fairseq_checkpoint, hf
         convert(str(path), str(tmp_path), "sharded", force=True)
     with pytest.raises(CheckpointError, match="is a hf checkpoint, not single"):
         convert(str(hf_folder[0]), str(tmp_path / "x.pt"), "single", source_format="single")
-    cfg, _, skipping = build_tiny_model(tmp_path / "data3", *NLLB_OPTIONS, "--moe-skip-betas", "0.3,0")
-    save_like_trainer(cfg, skipping, tmp_path / "skipping.pt")
-    with pytest.raises(CheckpointError, match="no dynamic expert skipping"):  # HF would drop the betas silently
-        convert(str(tmp_path / "skipping.pt"), str(tmp_path / "hf"), "hf")
     assert not (tmp_path / "hf").exists()
     assert isinstance(load_checkpoint(str(path))["cfg"]["model"], argparse.Namespace)  # input untouched, readable
+
+
+def test_a_skipping_model_is_refused_rather_than_converted_without_its_betas(tmp_path):
+    cfg, _, skipping = build_tiny_model(tmp_path / "data", *NLLB_OPTIONS, "--moe-skip-betas", "0.3,0")
+    save_like_trainer(cfg, skipping, tmp_path / "skipping.pt")
+    with pytest.raises(CheckpointError, match="no dynamic expert skipping"):  # HF's config has no field for them
+        convert(str(tmp_path / "skipping.pt"), str(tmp_path / "hf"), "hf")
+    assert not (tmp_path / "hf").exists()
 
 
 def hf_copy_with_config(hf_folder, folder, **changes):
