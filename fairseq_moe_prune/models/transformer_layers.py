@@ -64,8 +64,29 @@ def build_moe_layer(cfg: Any, embed_dim: int, ffn_dim: int, num_experts: int, sk
     return layer
 
 
-class MoEEncoderLayer(TransformerEncoderLayerBase):
-    """fairseq 0.12's encoder layer with the MoE block in place of fc1/fc2 (its forward, line for line)."""
+class MoESublayer:
+    """The FFN sub-layer of both MoE layers: fairseq 0.12's lines around its FFN (norm, dropout, residual),
+    the MoE block in the FFN's place."""
+
+    def moe_sublayer(self, x: Tensor, padding_mask: Optional[Tensor],
+                     task_states: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """(output, load-balancing loss) for ``x`` (time, batch, dim); ``padding_mask`` (batch, time)."""
+        residual = x
+        if self.normalize_before:
+            x = self.final_layer_norm(x)
+        # the MoE sees tokens batch-major, as NLLB's does, which fixes the order in which tokens take capacity
+        x, l_aux = self.moe_layer(x.transpose(0, 1), padding_mask, task_states)
+        x = x.transpose(0, 1)
+        x = self.dropout_module(x)
+        x = self.residual_connection(x, residual)
+        if not self.normalize_before:
+            x = self.final_layer_norm(x)
+        return x, l_aux
+
+
+class MoEEncoderLayer(MoESublayer, TransformerEncoderLayerBase):
+    """fairseq 0.12's encoder layer with the MoE block in place of fc1/fc2 (its forward, line for line; the
+    FFN sub-layer in :class:`MoESublayer`)."""
 
     def __init__(self, cfg: Any, num_experts: int, skip_beta: float = 0.0):
         super().__init__(cfg)
@@ -96,22 +117,13 @@ class MoEEncoderLayer(TransformerEncoderLayerBase):
         if not self.normalize_before:
             x = self.self_attn_layer_norm(x)
 
-        residual = x
-        if self.normalize_before:
-            x = self.final_layer_norm(x)
-        # the MoE sees tokens batch-major, as NLLB's does, which fixes the order in which tokens take capacity
-        x, l_aux = self.moe_layer(x.transpose(0, 1), encoder_padding_mask, task_states)
-        x = x.transpose(0, 1)
-        x = self.dropout_module(x)
-        x = self.residual_connection(x, residual)
-        if not self.normalize_before:
-            x = self.final_layer_norm(x)
+        x, l_aux = self.moe_sublayer(x, encoder_padding_mask, task_states)
         return x, l_aux
 
 
-class MoEDecoderLayer(TransformerDecoderLayerBase):
-    """fairseq 0.12's decoder layer with the MoE block in place of fc1/fc2 (its forward, line for line,
-    without the options refused here)."""
+class MoEDecoderLayer(MoESublayer, TransformerDecoderLayerBase):
+    """fairseq 0.12's decoder layer with the MoE block in place of fc1/fc2 (its forward, line for line, the
+    FFN sub-layer in :class:`MoESublayer`, without the options refused here)."""
 
     def __init__(self, cfg: Any, num_experts: int, no_encoder_attn: bool = False, skip_beta: float = 0.0):
         for flag in ("cross_self_attention", "scale_attn", "scale_heads", "scale_fc", "scale_resids"):
@@ -165,13 +177,5 @@ class MoEDecoderLayer(TransformerDecoderLayerBase):
             if not self.normalize_before:
                 x = self.encoder_attn_layer_norm(x)
 
-        residual = x
-        if self.normalize_before:
-            x = self.final_layer_norm(x)
-        x, l_aux = self.moe_layer(x.transpose(0, 1), self_attn_padding_mask, task_states)
-        x = x.transpose(0, 1)
-        x = self.dropout_module(x)
-        x = self.residual_connection(x, residual)
-        if not self.normalize_before:
-            x = self.final_layer_norm(x)
+        x, l_aux = self.moe_sublayer(x, self_attn_padding_mask, task_states)
         return x, attn, None, l_aux
