@@ -60,6 +60,21 @@ PRESETS: Dict[str, Dict[str, object]] = {
                 max_tokens=16384, lr=0.002, dropout=0.0, dims=(512, 1024, 6, 8), experts=16, dev_max=200,
                 test_max=250, beam=4, train_minutes=3.5, warmup=400, fp16=True, workers=6, gen_max_tokens=16000,
                 task_moe=False),
+    # the evidence run (issue 23), whole in about 2 hours on 2 CPU cores: a token-MoE that translates, and the
+    # task-MoE beside it on the same data, shape and budget. Why each choice:
+    # - 4 languages of 3 scripts (Latin, Cyrillic, Greek), both directions: the fewest the comparison needs,
+    #   so each direction gets twice the training the 8-language presets give it in the same time;
+    # - segments of up to 25 English words: most of the help's sentences, short enough for many updates;
+    # - d_model 256, expert FFN 1024 (4 x d_model), 16 experts in every 2nd layer of 4+4: the experts are large
+    #   enough that the MoE layers dominate a decoding step, as in NLLB (the speed effects can show);
+    # - both models train at once, one core each (one thread scales better than two threads on one model), for
+    #   the same wall-clock budget; dropout 0.1 since the budget is several epochs of the 4 languages' data;
+    # - checkpoints every `curve_updates` updates give the learning curve (chrF++ against training minutes);
+    # - beam 4 on 200 test sentences per direction, as the issue asks; the sweep's levels only those it names
+    "evidence": dict(langs="deu_Latn,fra_Latn,rus_Cyrl,ell_Grek", sample=False, vocab=8000, max_words=25,
+                     max_train=0, updates=1000000, max_tokens=2048, lr=0.003, dropout=0.1, dims=(256, 1024, 4, 4),
+                     experts=16, dev_max=300, test_max=200, beam=4, train_minutes=50.0, warmup=1000,
+                     loader_workers=0, side_by_side=True, levels="0.5,0.75,0.8,0.9", curve_updates=1500),
 }
 # settings that only some presets change; the others run with these
 DEFAULT_SETTINGS: Dict[str, object] = dict(
@@ -70,6 +85,9 @@ DEFAULT_SETTINGS: Dict[str, object] = dict(
     gen_max_tokens=4000,  # tokens per translation batch
     levels="",  # the sweep's pruning levels, e.g. "0.5,0.8"; empty: all of sweep.LEVELS
     task_moe=True,  # train the task-level MoE too and compare it (step 4b)
+    side_by_side=False,  # train the token- and task-MoE at once, one thread each (step 2), instead of one by one
+    loader_workers=4,  # fairseq-train's --num-workers under a time budget (a GPU must not wait for batches)
+    curve_updates=0,  # > 0: keep a checkpoint every this many updates and score them (the learning curve)
 )
 # glibc returns big freed blocks to the OS at once; with these the training loop reuses them (~15% faster)
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296",
@@ -145,9 +163,12 @@ def training_time_args(preset: Dict[str, object]) -> List[str]:
     state, three times the model's size, which the statistics and the sweep would read 37 times (a resumed
     run starts a fresh optimizer)."""
     minutes = float(setting(preset, "train_minutes"))  # type: ignore[arg-type]
+    curve = int(setting(preset, "curve_updates"))  # type: ignore[call-overload]
+    kept = ["--save-interval-updates", str(curve), "--keep-interval-updates", "-1"] if curve > 0 else []
     if minutes <= 0:
-        return []
-    return ["--stop-time-hours", f"{minutes / 60:.6f}", "--num-workers", "4", "--no-save-optimizer-state"]
+        return kept
+    return ["--stop-time-hours", f"{minutes / 60:.6f}", "--num-workers", str(setting(preset, "loader_workers")),
+            "--no-save-optimizer-state", *kept]
 
 
 def sweep_levels(preset: Dict[str, object]) -> List[float]:
@@ -205,9 +226,10 @@ def prepare_data(work: Path, preset: Dict[str, object]) -> Path:
 
 
 def train(work: Path, data: Path, preset: Dict[str, object], model_dir: str = "model",
-          extra_args: Sequence[str] = (), device: Sequence[str] = ()) -> Path:
+          extra_args: Sequence[str] = (), device: Sequence[str] = (), threads: int = 0) -> Path:
     """fairseq-train to a fixed number of updates. An interrupted run resumes from its last saved
-    checkpoint (fairseq's own --restore-file default); ``trained`` marks a finished one."""
+    checkpoint (fairseq's own --restore-file default); ``trained`` marks a finished one. ``threads`` > 0
+    sets torch's intra-op threads (OMP_NUM_THREADS)."""
     checkpoint, finished = work / model_dir / "checkpoint_last.pt", work / model_dir / "trained"
     if finished.exists():
         return checkpoint
@@ -231,7 +253,7 @@ def train(work: Path, data: Path, preset: Dict[str, object], model_dir: str = "m
          "--log-format", "simple", "--log-interval", "10", "--num-workers", "0", *extra_args,
          *device, *training_time_args(preset)],
         work / "logs" / f"train-{model_dir}.log" if extra_args else work / "logs" / "train.log",
-        progress=True, env=MALLOC_ENV,
+        progress=True, env={**MALLOC_ENV, **({"OMP_NUM_THREADS": str(threads)} if threads else {})},
     )
     finished.touch()
     return checkpoint
@@ -356,6 +378,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--only-data", action="store_true",
                         help="prepare the preset's data and stop (for a machine without network: "
                              "scripts/build_gpu_wheels.sh)")
+    parser.add_argument("--until", choices=("data", "train", "record"),
+                        help="stop after this step (a later run continues from there: each step's output is kept)")
     args = parser.parse_args(argv)
     from fairseq_moe_prune.ranking import SelectionError, parse_ratio  # imports fairseq, as the sweep does later
 
@@ -379,14 +403,27 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     log(f"1/5 data: LibreOffice help, English <-> {langs}")
     data = prepare_data(work, preset)
-    if args.only_data:
+    if args.only_data or args.until == "data":
         log(f"data ready: {data}")
         return
     step("data", f"2/5 train: MoE transformer, {preset['experts']} experts in every 2nd layer, "
                  f"{preset['updates']} updates")
-    checkpoint = train(work, data, preset, device=device)
+    if setting(preset, "side_by_side") and setting(preset, "task_moe"):
+        log("  the task-MoE trains beside it, one thread each")
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            token_job = pool.submit(train, work, data, preset, device=device, threads=1)
+            task_job = pool.submit(train, work, data, preset, "task_model", TASK_TRAIN_FLAGS, device, 1)
+            checkpoint, _ = token_job.result(), task_job.result()
+    else:
+        checkpoint = train(work, data, preset, device=device)
+    if args.until == "train":
+        log(f"trained: {checkpoint}")
+        return
     step("train", f"3/5 record: expert statistics on dev, {len(directions(langs))} directions")
     statistics = record(work, data, checkpoint, langs, beam, workers, device)
+    if args.until == "record":
+        log(f"recorded: {statistics}")
+        return
     step("record", "4/5 sweep: prune, translate test, score")
 
     from report import write_report  # matplotlib and fairseq load only now
