@@ -57,6 +57,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         prune_fraction=args.prune_fraction, keep=args.keep, ratio=args.ratio, threshold=args.threshold,
         min_per_layer=args.min_per_layer, directions=args.directions.split(",") if args.directions else None,
         fp16=args.fp16, sharded=args.sharded, seed=args.seed, skip_beta=args.skip_beta, beam=args.beam,
+        shared=args.shared,
     )
     manifest = prune(args.checkpoint, args.out, options, stats_path=args.stats,
                      experts_json_in=args.experts_json, force=args.force, calibration_path=args.calibration)
@@ -136,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--keep", type=int, help="number of experts to keep over all MoE layers")
     prune.add_argument("--ratio", default="3:1", help="encoder:decoder experts per layer (fixed selection)")
     prune.add_argument("--threshold", type=float, help="metric mass to keep (threshold selection)")
+    prune.add_argument("--shared", type=int, default=0,
+                       help="per language: this many of each layer's kept experts are the same for every language, "
+                            "the most valuable over all pairs pooled (default 0)")
     prune.add_argument("--min-per-layer", type=int, default=2, help="fewest experts a layer keeps (default 2, top-2 routing)")
     prune.add_argument("--directions", help="comma-separated SRC-TGT to write (default: all in the statistics)")
     prune.add_argument("--fp16", action="store_true", help="store weights in half precision")

@@ -62,6 +62,8 @@ class PruneOptions:
     skip_beta: Optional[str] = None  # dynamic skipping: "median" (of the calibration tokens), a number or one per layer
     beam: int = 4  # reconstruction: kept sets the search carries (1: greedy)
     exact_limit: int = 5000  # reconstruction: enumerate every kept set when there are at most this many
+    shared: int = 0  # per language, fixed selection: this many of each layer's kept experts are the same for every
+    # language, the most valuable by the statistics of all pairs pooled (a remedy for into-English over-generation)
 
 
 @dataclass
@@ -71,8 +73,10 @@ class Choice:
     losses: Dict[str, float] = field(default_factory=dict)  # reconstruction loss of each layer (reconstruction)
 
 
-def choose(counts: Mapping[str, LayerCounts], specs: List[MoELayerSpec], options: PruneOptions, name: str) -> Choice:
-    """Rank and select the experts of the layers in ``counts`` (a subset of ``specs`` is fine)."""
+def choose(counts: Mapping[str, LayerCounts], specs: List[MoELayerSpec], options: PruneOptions, name: str,
+           shared: Optional[Selection] = None) -> Choice:
+    """Rank and select the experts of the layers in ``counts`` (a subset of ``specs`` is fine). ``shared``:
+    experts each layer keeps whatever their value here, counted in its budget (fixed selection)."""
     layer_specs = [spec for spec in specs if spec.prefix in counts]
     values = {
         spec.prefix: metric_values(counts[spec.prefix], options.metric, f"{options.seed}:{name}:{spec.prefix}")
@@ -83,7 +87,7 @@ def choose(counts: Mapping[str, LayerCounts], specs: List[MoELayerSpec], options
         per_layer = fixed_per_layer_counts(
             specs, Budget(options.prune_fraction, options.keep), options.ratio, options.min_per_layer
         )
-        kept = select_fixed(values, {prefix: per_layer[prefix] for prefix in values})
+        kept = select_fixed(values, {prefix: per_layer[prefix] for prefix in values}, shared)
     elif options.selection == "threshold":
         keep = None
         if options.threshold is None:
@@ -111,8 +115,17 @@ def direction_pairs(stats: Optional[MoEStats], options: PruneOptions) -> List[st
 
 
 def language_choices(stats: MoEStats, specs: List[MoELayerSpec], options: PruneOptions) -> Dict[str, Choice]:
-    """One expert set per language: encoder layers from its statistics as a source, decoder as a target."""
-    return {language: choose(layers, specs, options, language) for language, layers in stats_lib.by_language(stats).items()}
+    """One expert set per language: encoder layers from its statistics as a source, decoder as a target;
+    with ``options.shared``, each layer's first ``shared`` experts chosen from all pairs pooled, for all."""
+    shared = None
+    if options.shared:
+        if options.selection != "fixed":
+            raise SelectionError("--shared needs the fixed selection (a number of experts per layer)")
+        pooled = {spec.prefix: options.shared for spec in specs}
+        shared = select_fixed({prefix: metric_values(layer, options.metric, f"{options.seed}:global:{prefix}")
+                               for prefix, layer in stats_lib.total(stats).items()}, pooled)
+    return {language: choose(layers, specs, options, language, shared)
+            for language, layers in stats_lib.by_language(stats).items()}
 
 
 def combine_direction(direction: str, per_language: Mapping[str, Choice], specs: List[MoELayerSpec]) -> Choice:
@@ -135,6 +148,8 @@ def plan(stats: Optional[MoEStats], specs: List[MoELayerSpec], options: PruneOpt
     """(choice per output name, choice per language for experts.json) without touching weights."""
     if options.granularity not in GRANULARITIES:
         raise SelectionError(f"unknown granularity {options.granularity!r} ({', '.join(GRANULARITIES)})")
+    if options.shared and options.granularity != "language":
+        raise SelectionError("--shared applies to --granularity language (the other granularities share one set)")
     if imported is not None:
         return {d: combine_direction(d, imported, specs) for d in direction_pairs(stats, options)}, imported
     assert stats is not None
@@ -199,6 +214,10 @@ def uniform_count(specs: List[MoELayerSpec]) -> int:
 def check_request(options: PruneOptions, stats_path: Optional[str], experts_json_in: Optional[str],
                   calibration_path: Optional[str]) -> None:
     """Refuse options that do not go together, before anything is read."""
+    if options.shared < 0:
+        raise SelectionError(f"--shared takes a number of experts (0 or more), got {options.shared}")
+    if options.shared and options.metric == "reconstruction":
+        raise SelectionError("--shared goes with the statistics metrics, not --metric reconstruction")
     if options.selection == "fixed" and options.threshold is not None:
         raise SelectionError("--threshold goes with --selection threshold")
     if options.prune_fraction is None and options.keep is None and options.threshold is None and not experts_json_in:

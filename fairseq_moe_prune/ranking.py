@@ -146,9 +146,16 @@ def what_would_work(specs: Sequence[MoELayerSpec], keep: int, enc: float, dec: f
     return f": {', '.join(hints)}"
 
 
-def select_fixed(values: Mapping[str, np.ndarray], counts: Mapping[str, int]) -> Dict[str, List[int]]:
-    """The ``counts[layer]`` most valuable experts of each layer, in ascending id order."""
-    return {prefix: sorted(order_by_value(values[prefix])[: counts[prefix]]) for prefix in values}
+def select_fixed(values: Mapping[str, np.ndarray], counts: Mapping[str, int],
+                 shared: Optional[Mapping[str, List[int]]] = None) -> Dict[str, List[int]]:
+    """The ``counts[layer]`` most valuable experts of each layer, in ascending id order; ``shared[layer]``
+    (if given) are kept first and count towards ``counts[layer]``."""
+    kept = {}
+    for prefix in values:
+        first = list((shared or {}).get(prefix, []))[: counts[prefix]]
+        rest = [e for e in order_by_value(values[prefix]) if e not in first]
+        kept[prefix] = sorted(first + rest[: counts[prefix] - len(first)])
+    return kept
 
 
 def select_threshold(

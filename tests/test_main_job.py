@@ -87,9 +87,14 @@ def test_gpu_settings_and_overrides():
     assert run.device_args(gpu, cpu=True) == ["--cpu"]
     budget = run.training_time_args(gpu)
     assert budget[:2] == ["--stop-time-hours", f"{float(gpu['train_minutes']) / 60:.6f}"]
-    assert run.training_time_args(default) == []
+    assert run.training_time_args(run.PRESETS["ci"]) == []  # a number of updates, no time budget
+    assert run.training_time_args(default)[:2] == ["--stop-time-hours", f"{13 / 60:.6f}"]
+    evidence = run.training_time_args(run.PRESETS["evidence"])
+    assert evidence[2:] == ["--num-workers", "0", "--no-save-optimizer-state",
+                            "--save-interval-updates", "500", "--keep-interval-updates", "-1"]
     assert run.setting(default, "workers") == 2 and run.setting(gpu, "workers") > 2
-    assert run.warmup_updates(default) == 250 and run.warmup_updates(gpu) == gpu["warmup"]
+    assert run.warmup_updates(default) == 400 and run.warmup_updates(gpu) == gpu["warmup"]
+    assert run.warmup_updates(run.PRESETS["ci"]) == 7  # a quarter of its 30 updates
     assert run.setting(default, "task_moe") is True and run.setting(gpu, "task_moe") is False
     assert run.apply_overrides(gpu, ["task_moe=true"])["task_moe"] is True
 
@@ -115,3 +120,19 @@ def test_a_bad_setting_is_refused_before_any_work(tmp_path):
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1] == "run.py: error: --set updates takes a whole number, got 'many'"
     assert not (tmp_path / "work").exists()
+
+
+def test_learning_curve_points_are_spread_over_the_kept_checkpoints_with_their_wall_minutes(tmp_path):
+    sys.path.insert(0, str(REPO / "examples/libreoffice_help"))
+    import run
+
+    log = tmp_path / "train.log"
+    log.write_text("".join(f"| train_inner | epoch 001: loss=1.0, num_updates={u}, lr=0.001, train_wall=1, wall={u * 6}\n"
+                           for u in range(10, 4010, 10)))
+    for updates in range(500, 4001, 500):
+        (tmp_path / f"checkpoint_1_{updates}.pt").write_bytes(b"")
+    (tmp_path / "checkpoint_last.pt").write_bytes(b"")
+    points = run.curve_points(tmp_path, log)
+    # 8 kept, at most CURVE_POINTS scored: every 2nd, always ending at the last one; minutes from fairseq's wall
+    assert [(u, m, p.name) for u, m, p in points] == [(u, u / 10, f"checkpoint_1_{u}.pt") for u in (1000, 2000, 3000, 4000)]
+    assert run.curve_points(tmp_path, tmp_path / "missing.log") == []

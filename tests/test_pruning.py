@@ -18,7 +18,8 @@ from fairseq_moe_prune.checkpoints.surgery import (
     save_single,
 )
 from fairseq_moe_prune.files import OutputExistsError
-from fairseq_moe_prune.pruning import PruneOptions, prune
+from fairseq_moe_prune.models.layout import MoELayerSpec
+from fairseq_moe_prune.pruning import PruneOptions, plan, prune
 from fairseq_moe_prune.ranking import SelectionError
 from tests.helpers import build_tiny_model, logits, random_batch, save_like_trainer, tiny_checkpoint_with_stats
 
@@ -219,3 +220,32 @@ def test_the_library_refuses_options_that_do_not_go_together(tmp_path):
     with pytest.raises(SelectionError, match="--beam must be at least 1"):
         prune(model, out, PruneOptions(keep=4, beam=0), stats_path=stats_path)
     assert not os.listdir(tmp_path)
+
+
+
+ENC_LAYER, DEC_LAYER = "encoder.layers.1.moe_layer", "decoder.layers.1.moe_layer"
+
+
+def two_language_stats():
+    """Hand-made statistics of two directions into English over one encoder and one decoder layer of 4
+    experts: German sources prefer experts 0 and 1, French ones 2 and 3; pooled, expert 3 is first."""
+    from tests.test_ranking import counts
+
+    encoder = {"deu_Latn": [40, 30, 0, 20], "fra_Latn": [0, 0, 40, 35]}
+    pairs = {f"{language}-eng_Latn": stats.PairStats(3, {ENC_LAYER: counts(top1, [0.5] * 4, [0.25] * 4),
+                                                         DEC_LAYER: counts([10, 20, 30, 40], [0.5] * 4, [0.25] * 4)})
+             for language, top1 in encoder.items()}
+    specs = [MoELayerSpec("encoder", 1, 4), MoELayerSpec("decoder", 1, 4)]
+    return stats.MoEStats(stats.Fingerprint([(s.prefix, 4) for s in specs], "0" * 64), {}, pairs), specs
+
+
+def test_shared_experts_are_the_pooled_statistics_best_in_every_languages_set():
+    statistics, specs = two_language_stats()
+    _, alone = plan(statistics, specs, PruneOptions(metric="activity", keep=4, ratio="1:1"))
+    assert alone["deu_Latn"].kept == {ENC_LAYER: [0, 1]} and alone["fra_Latn"].kept == {ENC_LAYER: [2, 3]}
+    _, shared = plan(statistics, specs, PruneOptions(metric="activity", keep=4, ratio="1:1", shared=1))
+    # pooled, encoder expert 3 leads (55 first choices): German keeps it in place of its second best (1)
+    assert shared["deu_Latn"].kept == {ENC_LAYER: [0, 3]} and shared["fra_Latn"].kept == {ENC_LAYER: [2, 3]}
+    assert shared["eng_Latn"].kept == alone["eng_Latn"].kept == {DEC_LAYER: [2, 3]}
+    with pytest.raises(SelectionError, match="--shared applies to --granularity language"):
+        plan(statistics, specs, PruneOptions(metric="activity", keep=4, ratio="1:1", shared=1, granularity="global"))

@@ -106,3 +106,11 @@ def test_threshold_selection_reaches_the_mass_with_a_minimum_per_layer():
     assert select_threshold(values, keep=5, min_per_layer=2) == {"a": [0, 1], "b": [0, 1, 2]}
     with pytest.raises(SelectionError, match="exceeds the budget"):
         select_threshold(values, keep=3, min_per_layer=2)
+
+
+def test_shared_experts_are_kept_first_and_count_towards_the_layers_budget():
+    values = {"a": np.array([0.1, 0.4, 0.1, 0.4]), "b": np.array([0.7, 0.1, 0.1, 0.1])}
+    # expert 2 of "a" is shared: kept although two experts are worth more, and the layer keeps 2 in all
+    assert select_fixed(values, {"a": 2, "b": 3}, {"a": [2]}) == {"a": [1, 2], "b": [0, 1, 2]}
+    # a shared expert the language would keep anyway costs nothing; more shared than the budget: the first ones
+    assert select_fixed(values, {"a": 2, "b": 1}, {"a": [1], "b": [3, 2]}) == {"a": [1, 3], "b": [3]}

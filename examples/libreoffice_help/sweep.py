@@ -39,6 +39,8 @@ class Method:
     name: str
     metric: str
     granularity: str  # "language": source-language encoder experts + target-language decoder experts
+    calibration_tokens: int = 0  # reconstruction: the size of the calibration sample searched (0: the sweep's own)
+    shared: int = 0  # per language: experts every language keeps in each layer, chosen from all pairs pooled
 
 
 METHODS = (
@@ -48,8 +50,14 @@ METHODS = (
     Method("importance global", "importance", "global"),
     Method("random", "random", "global"),
 )
+# the evidence run's: reconstruction on a larger sample, and a remedy for into English (issue 23)
+EVIDENCE_METHODS = (
+    Method("reconstruction per language, 2,048 tokens", "reconstruction", "language", calibration_tokens=2048),
+    Method("importance per language, 1 shared", "importance", "language", shared=1),
+)
 LEVELS = (0.25, 0.5, 0.75, 0.8, 0.9)
 SKIP_LEVELS = (0.0, 0.5, 0.8)  # dynamic skipping on / off: the full model and importance per language
+SINGLE = "--batch-size", "1"  # translating one sentence at a time (a served model's case), beside batches
 
 
 def bleu_tokenizer(language: str) -> str:
@@ -75,7 +83,9 @@ def score(hypotheses: List[str], references: List[str], target: str) -> Dict[str
 
 
 def run_name(method: Method, level: float) -> str:
-    return f"{method.metric}-{method.granularity}-{round(level * 100)}"
+    size = f"-{method.calibration_tokens}" if method.calibration_tokens else ""
+    shared = f"-shared{method.shared}" if method.shared else ""
+    return f"{method.metric}{size}-{method.granularity}{shared}-{round(level * 100)}"
 
 
 def quiet() -> None:
@@ -85,21 +95,21 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
 
 
-_translator: Optional[Translator] = None  # one per worker process
+_translators: Dict[bool, Translator] = {}  # per worker process: in batches (False), one sentence at a time (True)
 
 
 def start_worker(generate_args: Sequence[str]) -> None:
     """Small models translate faster on one thread per process than on two threads in one."""
-    global _translator
     torch.set_num_threads(1)
     quiet()
-    _translator = Translator(generate_args)
+    _translators[False] = Translator(generate_args)
+    _translators[True] = Translator([*generate_args, *SINGLE])
 
 
-def translate(checkpoint: str, direction: str) -> Translation:
-    assert _translator is not None, "start_worker runs first in every worker"
+def translate(checkpoint: str, direction: str, single: bool = False) -> Translation:
+    assert _translators, "start_worker runs first in every worker"
     source, target = stats_lib.split_pair(direction)
-    return _translator.translate(checkpoint, source, target)
+    return _translators[single].translate(checkpoint, source, target)
 
 
 class Sweep:
@@ -107,9 +117,12 @@ class Sweep:
 
     def __init__(self, work: Path, checkpoint: Path, statistics: Path, generate_args: Sequence[str],
                  directions: Sequence[str], references: Callable[[str], List[str]], ratio: str,
-                 log: Callable[[str], None], workers: int = 2, calibration: Optional[Path] = None):
+                 log: Callable[[str], None], workers: int = 2, calibration: Optional[Path] = None,
+                 calibrations: Optional[Dict[int, Path]] = None):
+        """``calibrations``: further calibration samples by size, for methods that name one."""
         self.work, self.checkpoint, self.statistics = work, checkpoint, statistics
         self.calibration = calibration if calibration is not None and calibration.exists() else None
+        self.calibrations = {size: path for size, path in (calibrations or {}).items() if path.exists()}
         self.directions, self.ratio, self.log = list(directions), ratio, log
         self.references = {direction: references(direction) for direction in self.directions}
         self.moe_layers = len(stats_lib.load(str(statistics)).fingerprint.specs)
@@ -151,13 +164,15 @@ class Sweep:
         name = run_name(method, level)
         if name in self.results:
             return
-        calibration = str(self.calibration) if method.metric == "reconstruction" and self.calibration else None
+        found = self.calibrations.get(method.calibration_tokens) if method.calibration_tokens else self.calibration
+        calibration = str(found) if method.metric == "reconstruction" and found is not None else None
         if method.metric == "reconstruction" and calibration is None:
             return  # a work folder from before calibration samples were taken
         start = time.monotonic()
         out = self.work / name
         options = PruneOptions(metric=method.metric, granularity=method.granularity, prune_fraction=level,
-                               ratio=self.ratio, directions=self.directions if method.granularity != "global" else None)
+                               ratio=self.ratio, directions=self.directions if method.granularity != "global" else None,
+                               shared=method.shared)
         try:
             manifest = prune(str(self.checkpoint), str(out), options, stats_path=str(self.statistics), force=True,
                              calibration_path=calibration)
@@ -172,7 +187,7 @@ class Sweep:
                                 for d in self.directions})
         first = next(iter(outputs.values()))
         self.results[name] = {"method": method.name, "level": level, "pruned_fraction": first["pruned_fraction"],
-                              "kept_experts": first["kept_experts"], "directions": scores}
+                              "kept_experts": first["kept_experts"], "directions": scores, "folder": name}
         self.save()
         for output in outputs.values():
             for file in output["files"]:
@@ -180,8 +195,13 @@ class Sweep:
         self.log(f"{method.name} {level:.0%} ({first['pruned_fraction']:.1%} of experts pruned): "
                  f"chrF++ {mean(self.results[name], 'chrf++'):.2f} ({time.monotonic() - start:.0f} s)")
 
-    def run(self, methods: Sequence[Method] = METHODS, levels: Sequence[float] = LEVELS) -> Dict[str, dict]:
+    def run(self, methods: Sequence[Method] = METHODS, levels: Sequence[float] = LEVELS,
+            curve: Sequence[Tuple[int, float, Path]] = ()) -> Dict[str, dict]:
+        """Every method at every level, then skipping on / off; ``curve``: (updates, minutes, checkpoint) of
+        the training's learning curve, scored first."""
         try:
+            if curve:
+                self.run_curve(curve)
             self.run_full()
             for level in levels:
                 for method in methods:
@@ -192,6 +212,24 @@ class Sweep:
             self.pool.shutdown(cancel_futures=True)
         return self.results
 
+
+    def run_curve(self, points: Sequence[Tuple[int, float, Path]]) -> Dict[str, dict]:
+        """The learning curve: each (updates, training minutes, checkpoint) scored like the full model, into
+        ``curve.json`` (kept between runs; the checkpoints are the training's own)."""
+        path = self.work / "curve.json"
+        curve = json.loads(path.read_text()) if path.exists() else {}
+        for updates, minutes, checkpoint in points:
+            if str(updates) in curve:
+                continue
+            scores = self.evaluate({d: checkpoint for d in self.directions})
+            curve[str(updates)] = {"updates": updates, "minutes": round(minutes, 2),
+                                   "chrf++": round(float(np.mean([s["chrf++"] for s in scores.values()])), 2),
+                                   "min_chrf++": min(s["chrf++"] for s in scores.values()),
+                                   "directions": {d: s["chrf++"] for d, s in scores.items()}}
+            with atomic_open(str(path), "w") as f:
+                f.write(json.dumps(curve, indent=1, sort_keys=True) + "\n")
+            self.log(f"learning curve: {updates} updates ({minutes:.1f} min): chrF++ {curve[str(updates)]['chrf++']:.2f}")
+        return curve
 
     # --- dynamic skipping on / off (Lu et al. 2024): the same models translated side by side --------------
 
@@ -224,11 +262,14 @@ class Sweep:
             # is known, so only every 4th direction is translated again, beside the same direction with skipping
             known = self.results.get("full" if level == 0 else run_name(METHODS[0], level))
             timed = self.directions[::4] if known is not None else self.directions
-            jobs = {}
+            jobs, single = {}, {}
             for d in self.directions:
                 jobs[(d, True)] = self.pool.submit(translate_counting_skips, str(checkpoints[True][d]), d)
                 if d in timed:
                     jobs[(d, False)] = self.pool.submit(translate_counting_skips, str(checkpoints[False][d]), d)
+            for d in timed:  # and one sentence at a time, with and without, side by side again
+                for skipping in (True, False):
+                    single[(d, skipping)] = self.pool.submit(translate, str(checkpoints[skipping][d]), d, True)
             entry = {"level": level, "pruned_fraction": manifest["outputs"][self.directions[0]]["pruned_fraction"],
                      "timed_directions": timed}
             for skipping in (True, False):
@@ -245,6 +286,9 @@ class Sweep:
                     "skipped_share": round(sum(s for _, s, _ in done.values())
                                            / max(1, sum(n for _, _, n in done.values())), 4),
                 }
+                alone = [single[(d, skipping)].result() for d in timed]
+                entry["on" if skipping else "off"]["single_sentences_per_second"] = round(
+                    sum(t.sentences for t in alone) / sum(t.seconds for t in alone), 3)
             results[name] = entry
             with atomic_open(str(path), "w") as f:
                 f.write(json.dumps(results, indent=1, sort_keys=True) + "\n")
@@ -254,16 +298,18 @@ class Sweep:
                         os.unlink(file)
             self.log(f"skipping at {level:.0%}: chrF++ {entry['on']['chrf++']:.2f} vs {entry['off']['chrf++']:.2f}, "
                      f"{entry['on']['sentences_per_second']:.2f} vs {entry['off']['sentences_per_second']:.2f} "
-                     f"sentences/s, {entry['on']['skipped_share']:.1%} of second experts skipped "
+                     f"sentences/s in batches, {entry['on']['single_sentences_per_second']:.2f} vs "
+                     f"{entry['off']['single_sentences_per_second']:.2f} one at a time, "
+                     f"{entry['on']['skipped_share']:.1%} of second experts skipped "
                      f"({time.monotonic() - start:.0f} s)")
 
 
 def translate_counting_skips(checkpoint: str, direction: str) -> Tuple[Translation, int, int]:
     """(translation, second experts skipped, second experts chosen) over every MoE layer's real tokens
     during generation: the MoE layers' observer counts what the gates decided."""
-    assert _translator is not None, "start_worker runs first in every worker"
+    assert _translators, "start_worker runs first in every worker"
     source, target = stats_lib.split_pair(direction)
-    model = _translator.load(checkpoint, source, target)
+    model = _translators[False].load(checkpoint, source, target)
     counts = [0, 0]
 
     def count(record) -> None:
@@ -277,7 +323,7 @@ def translate_counting_skips(checkpoint: str, direction: str) -> Tuple[Translati
     for layer in layers:
         layer.observer = count
     try:
-        translation = _translator.translate(checkpoint, source, target)
+        translation = _translators[False].translate(checkpoint, source, target)
     finally:
         for layer in layers:
             layer.observer = None

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
-from sweep import quiet, score
+from sweep import SINGLE, quiet, score
 
 from fairseq_moe_prune.checkpoints.extract import config_gate_options, extract, task_fold
 from fairseq_moe_prune.checkpoints.layouts import open_checkpoint
@@ -35,7 +35,7 @@ GENERATE_FLAGS = ["--lang-tok-replacing-bos-eos"]
 TOKEN, PRUNED, TASK, EXTRACTED = "token-MoE", "token-MoE pruned per language", "task-MoE", "task-MoE sub-network"
 MODELS = (TOKEN, PRUNED, TASK, EXTRACTED)
 
-_translators: Dict[str, Translator] = {}  # per worker process: "token" and "task" data formats
+_translators: Dict[str, Translator] = {}  # per worker process: "token" and "task" data formats, "-single" alike
 
 
 def start_worker(token_args: Sequence[str], task_args: Sequence[str]) -> None:
@@ -43,6 +43,8 @@ def start_worker(token_args: Sequence[str], task_args: Sequence[str]) -> None:
     quiet()
     _translators["token"] = Translator(token_args)
     _translators["task"] = Translator(task_args)
+    _translators["token-single"] = Translator([*token_args, *SINGLE])
+    _translators["task-single"] = Translator([*task_args, *SINGLE])
 
 
 def translate_direction(direction: str, runs: Sequence[Tuple[str, str, str]]) -> Dict[str, Translation]:
@@ -110,6 +112,14 @@ class TaskComparison:
             jobs = {d: pool.submit(translate_direction, d, runs[d][i % 4:] + runs[d][:i % 4])
                     for i, d in enumerate(self.directions)}
             translations = {d: job.result() for d, job in jobs.items()}
+            # one sentence at a time (a served model's case): the token-MoE and the sub-network, every 4th
+            # direction, in both orders
+            timed = self.directions[::4]
+            singles = {d: pool.submit(translate_direction, d,
+                                      [(name, checkpoint, f"{kind}-single") for name, checkpoint, kind in
+                                       (runs[d][0], runs[d][3])][:: 1 if i % 2 == 0 else -1])
+                       for i, d in enumerate(timed)}
+            alone = {d: job.result() for d, job in singles.items()}
 
         results: dict = {"models": {}, "usage": {}}
         for name in MODELS:
@@ -119,10 +129,15 @@ class TaskComparison:
                 directions[direction] = {
                     **score(translation.hypotheses, self.references(direction), split_pair(direction)[1]),
                     "sentences": translation.sentences, "parameters": translation.parameters,
-                    "seconds": round(translation.seconds, 3)}
+                    "seconds": round(translation.seconds, 3),
+                    "hypotheses": translation.hypotheses}  # for the report's paired bootstrap intervals
             sentences = sum(d["sentences"] for d in directions.values())
             seconds = sum(d["seconds"] for d in directions.values())
             results["models"][name] = {"directions": directions, "sentences_per_second": round(sentences / seconds, 2)}
+            if name in (TOKEN, EXTRACTED):
+                results["models"][name]["single_sentences_per_second"] = round(
+                    sum(alone[d][name].sentences for d in alone) / sum(alone[d][name].seconds for d in alone), 3)
+                results["models"][name]["single_directions"] = list(alone)
         first = extracted["outputs"][self.directions[0]]
         results["extracted_zero_padding"] = first["zero_padding_parameters"]
         results["extracted_arch"] = first["arch"]
