@@ -60,7 +60,9 @@ def assert_same_translations(full, extracted):
 
 def test_dense_subnetwork_loads_in_stock_fairseq_and_translates_like_the_task_moe(corpus, task_trained, tmp_path):
     out = tmp_path / "sub"
-    run_cli([*CLI, "extract", str(task_trained), "--task", "eng_Latn-deu_Latn,eng_Latn-fra_Latn", "--out", str(out)])
+    result = run_cli([*CLI, "extract", str(task_trained), "--task", "eng_Latn-deu_Latn,eng_Latn-fra_Latn",
+                      "--out", str(out)])
+    assert "tensorboardX" not in result.stdout + result.stderr  # no third-party noise (test_quiet_start.py)
     state = load_checkpoint(str(out / "eng_Latn-deu_Latn.pt"))
     model = state["cfg"]["model"]
     assert isinstance(model, dict) and model["_name"] == "transformer" and model["encoder_ffn_embed_dim"] == 128
