@@ -24,6 +24,7 @@ def run(code: str) -> str:
     return result.stdout + result.stderr
 
 
+# README: "Recording, ranking, pruning" block (fairseq-moe-prune user-dir)
 def test_fairseq_tensorboardx_notice_is_silenced_and_nothing_else():
     without_plugin = run("import logging; logging.basicConfig(level=logging.INFO); import fairseq")
     assert NOTICE in without_plugin  # fairseq still logs it: the check below is not empty
