@@ -12,6 +12,7 @@ the moment something first imports fairseq. A process that never imports fairseq
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import logging
 import os
 import sys
 from typing import Optional
@@ -20,13 +21,22 @@ __version__ = "0.1.0"
 USER_DIR = os.path.dirname(os.path.abspath(__file__))  # the folder to pass to fairseq's --user-dir
 
 
+class NoTensorboardNotice(logging.Filter):
+    """Drops the one record fairseq's text-to-speech task logs when it is imported (with every fairseq task,
+    so on every start): "Please install tensorboardX". Nothing here writes tensorboard logs; the logger's
+    other records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Please install tensorboardX")
+
+
+# installed before fairseq can be imported through this package (the console script, the main job, a library
+# user who imports this package first); fairseq's own commands import fairseq before any --user-dir
+logging.getLogger("fairseq.tasks.text_to_speech").addFilter(NoTensorboardNotice())
+
+
 def register() -> None:
     """Register the model, tasks and criterion with fairseq and guard its checkpoint loading."""
-    import logging
-
-    # fairseq's text-to-speech task logs an irrelevant "install tensorboardX" notice on import
-    logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
-
     from fairseq_moe_prune.checkpoints.safe_load import guard_fairseq_loading, install_allowlist
     from fairseq_moe_prune.errors import install_excepthook
 

@@ -57,6 +57,8 @@ def trained(corpus, tmp_path_factory) -> Path:
     return save_dir / "checkpoint_last.pt"
 
 
+# README: "Recording, ranking, pruning" block (step 1, fairseq-generate --moe-stats-out) and "Reconstruction loss
+# and dynamic skipping" block (--moe-calibration-out, same run)
 @pytest.fixture(scope="session")
 def recorded_test_set(corpus, trained, tmp_path_factory) -> Path:
     """One recording run per direction (eng->deu, deu->eng) over the test set: statistics ``{pair}.json`` and

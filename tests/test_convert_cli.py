@@ -34,6 +34,7 @@ def fairseq_hypotheses(output: str, dictionary: Dictionary):
     return hypotheses
 
 
+# README: "Converting" block (fairseq-moe-prune convert nllb-moe-hf/ nllb-moe.pt --to single)
 def test_converted_hf_model_beam_searches_the_same_in_fairseq_generate(tmp_path):
     hf_model = tiny_hf_model(seed=1)
     hf_model.save_pretrained(tmp_path / "hf")

@@ -58,9 +58,13 @@ def assert_same_translations(full, extracted):
         assert max(abs(a - b) for a, b in zip(extracted[i][2], positional)) <= 1.01e-4
 
 
+# README: "Task-level MoE and sub-network extraction" block (fairseq-train --moe-task-routing both in the task_trained
+# fixture, extract, stock fairseq-generate without --user-dir)
 def test_dense_subnetwork_loads_in_stock_fairseq_and_translates_like_the_task_moe(corpus, task_trained, tmp_path):
     out = tmp_path / "sub"
-    run_cli([*CLI, "extract", str(task_trained), "--task", "eng_Latn-deu_Latn,eng_Latn-fra_Latn", "--out", str(out)])
+    result = run_cli([*CLI, "extract", str(task_trained), "--task", "eng_Latn-deu_Latn,eng_Latn-fra_Latn",
+                      "--out", str(out)])
+    assert "tensorboardX" not in result.stdout + result.stderr  # no third-party noise (test_quiet_start.py)
     state = load_checkpoint(str(out / "eng_Latn-deu_Latn.pt"))
     model = state["cfg"]["model"]
     assert isinstance(model, dict) and model["_name"] == "transformer" and model["encoder_ffn_embed_dim"] == 128

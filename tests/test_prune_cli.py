@@ -13,6 +13,7 @@ from tests.helpers import tiny_checkpoint_with_stats
 pytestmark = pytest.mark.slow
 
 
+# README: "Recording, ranking, pruning" block (fairseq-moe-prune stats merge)
 @pytest.fixture(scope="module")
 def recorded_stats(recorded_test_set, tmp_path_factory):
     """Statistics of eng->deu and deu->eng on the test set, merged."""
@@ -37,6 +38,8 @@ def test_keeping_all_experts_gives_the_same_generation_output(corpus, trained, r
     assert generate(corpus, trained) == generate(corpus, tmp_path / "all" / "global.pt")
 
 
+# README: "Recording, ranking, pruning" block (steps 2-3: prune --granularity language, then stock fairseq-generate;
+# the budget fits the toy model's 4 experts per layer, where 80% at 3:1 cannot)
 def test_per_language_pruned_model_with_uneven_layers_translates_and_fine_tunes(corpus, trained, recorded_stats, tmp_path):
     out = tmp_path / "pruned"
     result = run_cli(["fairseq-moe-prune", "prune", str(trained), "--stats", str(recorded_stats), "--out", str(out),

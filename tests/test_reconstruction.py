@@ -144,6 +144,8 @@ def calibrated(recorded_test_set):
     return recorded_test_set / "calibration"
 
 
+# README: "Reconstruction loss and dynamic skipping" block (prune --metric reconstruction --skip-beta median, then
+# fairseq-generate with skipping on and with --model-overrides "{'moe_skip_betas': None}")
 @pytest.mark.slow
 def test_pruned_and_skipping_checkpoint_translates_counts_skips_and_fine_tunes(corpus, trained, calibrated, tmp_path):
     out = tmp_path / "pruned"

@@ -24,6 +24,7 @@ def generate_args(corpus, trained, subset, stats_path, *extra):
             "--moe-stats-out", str(stats_path), *extra]
 
 
+# README: "Recording, ranking, pruning" block (fairseq-moe-prune stats show)
 def test_every_sentence_is_counted_and_stats_show_lists_the_layers(corpus, trained, tmp_path):
     path = tmp_path / "stats.json"
     run_cli(generate_args(corpus, trained, "test", path, "--batch-size", "7"))

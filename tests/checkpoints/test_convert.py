@@ -81,6 +81,7 @@ def test_hf_to_fairseq_gives_the_same_logits(hf_folder, tmp_path):
     assert (ours - theirs).abs().max() <= 1e-5
 
 
+# README: "Converting" block (fairseq -> Hugging Face; the library call behind convert --to hf --max-shard-size)
 def test_fairseq_to_hf_gives_the_same_logits_and_loads_with_from_pretrained(fairseq_checkpoint, tmp_path):
     path, fairseq_model = fairseq_checkpoint
     convert(str(path), str(tmp_path / "hf"), "hf", max_shard_size="50KB")
@@ -120,6 +121,7 @@ def nllb_release(model, cfg_state, folder):
                    folder / f"ckpt-rank-{rank}.pt")
 
 
+# README: "Converting" block (NLLB's release -> one fairseq file; the library call behind convert --to single)
 def test_sharded_to_single_to_sharded_keeps_every_tensor_and_the_config(fairseq_checkpoint, tmp_path):
     path, model = fairseq_checkpoint
     state = load_checkpoint(str(path))

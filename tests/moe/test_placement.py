@@ -162,6 +162,7 @@ def hypotheses(result):
     return [line for line in result.stdout.splitlines() if re.match(r"^[HPD]-\d+\t", line)]
 
 
+# README: "The full model on one GPU: experts offloaded" block (fairseq-generate --model-overrides moe_expert_offload)
 @pytest.mark.slow
 def test_fairseq_generate_offloaded_and_placed_equal_the_plain_model(corpus, pruned, tmp_path):
     plain = generate(corpus, pruned, tmp_path / "plain.json")
