@@ -283,7 +283,9 @@ def write_outputs(checkpoint: MoECheckpoint, outputs: Mapping[str, Choice], per_
     if per_language and len({spec.num_experts for spec in checkpoint.specs}) == 1:
         write_atomic(os.path.join(staging, "experts.json"),
                      json.dumps(experts_json(per_language, checkpoint.specs), sort_keys=True) + "\n")
-    write_atomic(os.path.join(staging, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    # strict JSON: a NaN or inf here is a bug upstream, refused rather than written as a bare NaN
+    write_atomic(os.path.join(staging, "manifest.json"),
+                 json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False) + "\n")
     return manifest
 
 

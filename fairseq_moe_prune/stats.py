@@ -48,7 +48,7 @@ MAX_COUNT = 2**63 - 1  # counts are int64
 
 def check_language(name: Any, what: str = "language") -> str:
     """A language name from a file or the command line: letters, digits and ``_`` only (e.g. eng_Latn)."""
-    if not isinstance(name, str) or not LANGUAGE.match(name):
+    if not isinstance(name, str) or not LANGUAGE.fullmatch(name):
         raise StatsError(f"{what} {str(name)[:40]!r} is not a language name (letters, digits and _ only, e.g. eng_Latn)")
     return name
 
@@ -111,8 +111,36 @@ class LayerCounts:
                 raise StatsError(f"{where}.{name} must list {num_experts} counts, one per expert")
             if not all(type(value) is int for value in values) or min(values) < 0 or max(values) > MAX_COUNT:
                 raise StatsError(f"{where}.{name} must hold whole numbers >= 0")
-            arrays.append(np.array(values, dtype=np.int64))
-        return cls(whole_number(data["tokens"], f"{where}.tokens"), *arrays)
+            arrays.append(values)
+        tokens = whole_number(data["tokens"], f"{where}.tokens")
+        check_consistent(tokens, dict(zip(COUNT_FIELDS, arrays)), where)
+        return cls(tokens, *(np.array(values, dtype=np.int64) for values in arrays))
+
+
+def check_consistent(tokens: int, counts: Mapping[str, List[int]], where: str) -> None:
+    """The counts of one layer against each other, as the recorder makes them (exact integers).
+
+    Every real token has one first choice and at most one second, so per expert: top1 <= top2 <= tokens,
+    routed <= tokens, skipped <= top2 - top1 (second choices only); probabilities are at most 1 each, so
+    prob_first_sum <= top1 * PROB_SCALE, prob_second_sum <= (top2 - top1) * PROB_SCALE and prob_sum <= tokens *
+    PROB_SCALE; ranks are below the number of experts. A file breaking one of these was not written by the
+    recorder (or by adding such files), and derived metrics would leave [0, 1] (importance NaN, shares over 100%).
+    """
+    num_experts = len(counts["top1"])
+    if sum(counts["top1"]) > tokens:
+        raise StatsError(f"{where}: top1 counts add up to more than its {tokens} tokens")
+    bounds = {
+        "top1": lambda e: counts["top2"][e], "top2": lambda e: tokens, "routed": lambda e: tokens,
+        "skipped": lambda e: counts["top2"][e] - counts["top1"][e],
+        "prob_sum": lambda e: tokens * PROB_SCALE, "prob_first_sum": lambda e: counts["top1"][e] * PROB_SCALE,
+        "prob_second_sum": lambda e: (counts["top2"][e] - counts["top1"][e]) * PROB_SCALE,
+        "rank_sum": lambda e: tokens * (num_experts - 1),
+    }
+    for name, bound in bounds.items():
+        for expert, value in enumerate(counts[name]):
+            if value > bound(expert):
+                raise StatsError(f"{where}.{name}[{expert}] = {value} exceeds what {tokens} tokens can give "
+                                 f"({bound(expert)}); the counts do not fit together")
 
 
 @dataclass
