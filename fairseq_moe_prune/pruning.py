@@ -297,6 +297,12 @@ def load_calibration(path: str, checkpoint: MoECheckpoint) -> "calibration_lib.C
     if calibration.fingerprint != weights_fingerprint(checkpoint.state["model"], checkpoint.specs):
         raise StatsError("the calibration samples come from another model (MoE layers or gate weights differ from "
                          "the checkpoint)")
+    widths = {spec.prefix: int(checkpoint.state["model"][spec.gate_key].shape[1]) for spec in checkpoint.specs}
+    for pair, layers in calibration.pairs.items():
+        for prefix, sample in layers.items():
+            if sample.inputs.shape[1] != widths[prefix]:
+                raise StatsError(f"{path}: {pair} {prefix}: samples of width {sample.inputs.shape[1]}, but the "
+                                 f"checkpoint's layer takes {widths[prefix]}")
     return calibration
 
 
