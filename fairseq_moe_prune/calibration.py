@@ -35,7 +35,7 @@ from fairseq_moe_prune.moe.layer import RoutingRecord
 from fairseq_moe_prune.stats import Fingerprint, StatsError, split_pair, whole_number
 
 FORMAT = "fairseq-moe-prune/calibration"
-VERSION = 1
+VERSION = 2  # 2: the fingerprint covers the experts; outputs are the no-drop argmax top-2 output (see below)
 FIELDS = ("inputs", "probs", "outputs", "keys")
 FILE_SUFFIX = ".safetensors"
 
@@ -295,7 +295,8 @@ def merge(calibrations: Iterable[Calibration]) -> Calibration:
     merged = Calibration(first.fingerprint, dict(first.settings), {})
     for calibration in calibrations:
         if calibration.fingerprint != first.fingerprint:
-            raise CalibrationError("calibration files come from different models (MoE layers or gate weights differ)")
+            raise CalibrationError("calibration files come from different models (MoE layers, gate or expert weights "
+                                   "differ)")
         if calibration.settings != first.settings:
             differing = sorted(k for k in set(first.settings) | set(calibration.settings)
                                if first.settings.get(k) != calibration.settings.get(k))

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fairseq_moe_prune.fingerprint import gate_fingerprint, model_fingerprint, model_layout  # noqa: F401 (also ours)
+from fairseq_moe_prune.fingerprint import model_fingerprint, model_layout
 from fairseq_moe_prune.moe.gate import Routing
 from fairseq_moe_prune.moe.layer import Dispatch, MoELayer, RoutingRecord
 from fairseq_moe_prune.stats import (

@@ -27,8 +27,12 @@ from fairseq_moe_prune.files import refuse_existing, write_atomic
 from fairseq_moe_prune.models.layout import PREFIX_PATTERN, MoELayerSpec
 
 FORMAT = "fairseq-moe-prune/stats"
-VERSION = 4  # 2 added routed / reap_sum (REAP saliency); 3 added runs (identity and subset size); 4 added skipped
-READABLE_VERSIONS = (2, 3, 4)  # a version 2 file reads as one with no runs listed; 2 and 3 with nothing skipped
+# 2 added routed / reap_sum (REAP saliency); 3 added runs (identity and subset size); 4 added skipped;
+# 5 fingerprints the experts too (model.experts_sha256, see fingerprint.py)
+VERSION = 5
+# Older files have no experts fingerprint, so nothing tells which experts they were counted on: refused
+# (record them again). Within version 5 nothing is optional.
+READABLE_VERSIONS = (5,)
 PROB_SCALE = 2**32  # probabilities are summed as round(p * PROB_SCALE)
 REAP_SCALE = 2**20  # gate weight * expert output norm, summed as round(v * REAP_SCALE)
 
@@ -106,7 +110,7 @@ class LayerCounts:
             raise StatsError(f"{where} is not an object")
         arrays = []
         for name in COUNT_FIELDS:
-            values = data[name] if name != "skipped" or name in data else [0] * num_experts  # before version 4
+            values = data[name]
             if not isinstance(values, list) or len(values) != num_experts:
                 raise StatsError(f"{where}.{name} must list {num_experts} counts, one per expert")
             if not all(type(value) is int for value in values) or min(values) < 0 or max(values) > MAX_COUNT:
@@ -161,10 +165,12 @@ class PairStats:
 
 @dataclass
 class Fingerprint:
-    """Identifies the model statistics were gathered on: its MoE layers and a hash of its gates."""
+    """Identifies the model statistics were gathered on: its MoE layers, a hash of its gates and one of its
+    experts (what is hashed, and why: ``fingerprint.py``)."""
 
     layers: List[Tuple[str, int]]  # (prefix, experts) in layout order
     gate_sha256: str
+    experts_sha256: str
 
     @property
     def specs(self) -> List[MoELayerSpec]:
@@ -172,7 +178,8 @@ class Fingerprint:
         return [MoELayerSpec.from_prefix(prefix, count) for prefix, count in self.layers]
 
     def to_json(self) -> Dict[str, Any]:
-        return {"moe_layers": [[prefix, count] for prefix, count in self.layers], "gate_sha256": self.gate_sha256}
+        return {"moe_layers": [[prefix, count] for prefix, count in self.layers], "gate_sha256": self.gate_sha256,
+                "experts_sha256": self.experts_sha256}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Fingerprint":
@@ -185,10 +192,12 @@ class Fingerprint:
                 raise StatsError(f"model.moe_layers: {str(entry)[:60]} is not [layer prefix, experts]")
         if len({prefix for prefix, _ in layers}) != len(layers):
             raise StatsError("model.moe_layers lists a layer twice")
-        gate = data["gate_sha256"]
-        if not isinstance(gate, str) or not re.fullmatch(r"[0-9a-f]{64}", gate):
-            raise StatsError("model.gate_sha256 is not a sha256 digest")
-        return cls([(prefix, count) for prefix, count in layers], gate)
+        digests = []
+        for name in ("gate_sha256", "experts_sha256"):
+            if not isinstance(data[name], str) or not re.fullmatch(r"[0-9a-f]{64}", data[name]):
+                raise StatsError(f"model.{name} is not a sha256 digest")
+            digests.append(data[name])
+        return cls([(prefix, count) for prefix, count in layers], *digests)
 
 
 @dataclass(frozen=True)
@@ -265,7 +274,7 @@ class MoEStats:
             layers = {prefix: LayerCounts.from_json(counts, experts[prefix], f"pairs.{pair}.{prefix}")
                       for prefix, counts in entry["layers"].items()}
             pairs[pair] = PairStats(whole_number(entry["sentences"], f"pairs.{pair}.sentences"), layers)
-        runs = data.get("runs", [])
+        runs = data["runs"]
         if not isinstance(runs, list):
             raise StatsError("runs is not a list")
         return cls(fingerprint, dict(data["settings"]), pairs, [Run.from_json(run) for run in runs])
@@ -332,7 +341,7 @@ def load(path: str) -> MoEStats:
 
 def check_compatible(a: MoEStats, b: MoEStats, what: str = "statistics") -> None:
     if a.fingerprint != b.fingerprint:
-        raise StatsError(f"{what} come from different models (MoE layers or gate weights differ)")
+        raise StatsError(f"{what} come from different models (MoE layers, gate or expert weights differ)")
     if a.settings != b.settings:
         differing = sorted(k for k in set(a.settings) | set(b.settings) if a.settings.get(k) != b.settings.get(k))
         raise StatsError(f"{what} were gathered with different settings: {', '.join(differing)}")
