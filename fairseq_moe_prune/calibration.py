@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -38,6 +38,7 @@ FORMAT = "fairseq-moe-prune/calibration"
 VERSION = 2  # 2: the fingerprint covers the experts; outputs are the no-drop argmax top-2 output (see below)
 FIELDS = ("inputs", "probs", "outputs", "keys")
 FILE_SUFFIX = ".safetensors"
+TARGET_OUTPUTS = "argmax top-k, no capacity drop"  # settings["outputs"]: how Z was computed (CalibrationSampler)
 
 
 class CalibrationError(StatsError):
@@ -93,11 +94,26 @@ def key_generator(seed: int, pair: str, prefix: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-class CalibrationSampler:
-    """Keeps a reservoir per (pair, layer); fed by the recorder's observer, committed per batch."""
+# (layer index, inputs, gate softmax) -> the layer's output as reconstruction assumes it (see CalibrationSampler)
+Target = Callable[[int, Tensor, Tensor], Tensor]
 
-    def __init__(self, specs: List[MoELayerSpec], fingerprint: Fingerprint, settings: Dict[str, Any], seed: int):
+
+class CalibrationSampler:
+    """Keeps a reservoir per (pair, layer); fed by the recorder's observer, committed per batch.
+
+    The output Z kept for a token is what the reconstruction search takes the unpruned layer to compute:
+    each token sent to its top-k experts by argmax of the full softmax, weights renormalised, nothing dropped
+    for capacity (``target``, given by the recorder, runs the layer's own experts that way). The live
+    output differs where the model samples its second expert (``sampling`` / ``random`` policies) or drops
+    tokens for capacity (an eval capacity fraction below 1, NLLB's default): a target holding that routing
+    would ask the pruned layer for something no kept set computes. Only the tokens that enter the reservoir
+    are computed again. Without ``target`` (tests, tools feeding their own layers) the live output is kept.
+    """
+
+    def __init__(self, specs: List[MoELayerSpec], fingerprint: Fingerprint, settings: Dict[str, Any], seed: int,
+                 target: Optional[Target] = None):
         self.specs = specs
+        self.target = target
         self.fingerprint = fingerprint
         self.settings = settings
         self.capacity = int(settings["tokens"])
@@ -127,12 +143,20 @@ class CalibrationSampler:
             if generator is None:
                 generator = key_generator(self.seed, pair, self.specs[index].prefix)
                 self.generators[(pair, index)] = generator
-            keys = torch.rand(inputs.shape[0], generator=generator, dtype=torch.float64)
-            batch = LayerSample(inputs, probs, outputs, keys, int(inputs.shape[0]))
+            seen = int(inputs.shape[0])
+            keys = torch.rand(seen, generator=generator, dtype=torch.float64)
             current = reservoirs.get(index)
             if current is None:
                 current = LayerSample.empty(inputs.shape[1], probs.shape[1])
-            reservoirs[index] = current.merged(batch, self.capacity)
+            # only tokens among the batch's smallest keys, and below the full reservoir's largest, can enter
+            entering = torch.argsort(keys, stable=True)[:self.capacity]
+            if current.size == self.capacity:
+                entering = entering[keys[entering] < current.keys[-1]]
+            entering = entering.sort().values
+            inputs, probs, outputs, keys = inputs[entering], probs[entering], outputs[entering], keys[entering]
+            if self.target is not None and len(entering):
+                outputs = self.target(index, inputs, probs)
+            reservoirs[index] = current.merged(LayerSample(inputs, probs, outputs, keys, seen), self.capacity)
         self.pending = {}
 
     def discard(self) -> None:
@@ -431,7 +455,7 @@ def attach(recorder: Any, folder: str, tokens: int, seed: int, pair: str) -> Cal
     """The recording hook's call: sample the tokens ``recorder`` counts into ``folder``."""
     if tokens < 1:
         raise SystemExit(f"error: --moe-calibration-tokens must be at least 1, got {tokens}")
-    settings = dict(recorder.settings, tokens=int(tokens))
-    sampler = CalibrationSampler(recorder.specs, recorder.fingerprint, settings, seed)
+    settings = dict(recorder.settings, tokens=int(tokens), outputs=TARGET_OUTPUTS)
+    sampler = CalibrationSampler(recorder.specs, recorder.fingerprint, settings, seed, recorder.no_drop_output)
     recorder.calibration = sampler
     return CalibrationWriter(sampler, folder, pair)
