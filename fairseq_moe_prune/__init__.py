@@ -20,12 +20,17 @@ __version__ = "0.1.0"
 USER_DIR = os.path.dirname(os.path.abspath(__file__))  # the folder to pass to fairseq's --user-dir
 
 
-def register() -> None:
-    """Register the model, tasks and criterion with fairseq and guard its checkpoint loading."""
+def quiet_fairseq_notices() -> None:
+    """fairseq's text-to-speech task logs an irrelevant "install tensorboardX" notice on import; set before
+    fairseq is imported, so that a command's error stays its only line on stderr."""
     import logging
 
-    # fairseq's text-to-speech task logs an irrelevant "install tensorboardX" notice on import
     logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
+
+
+def register() -> None:
+    """Register the model, tasks and criterion with fairseq and guard its checkpoint loading."""
+    quiet_fairseq_notices()
 
     from fairseq_moe_prune.checkpoints.safe_load import guard_fairseq_loading, install_allowlist
     from fairseq_moe_prune.errors import install_excepthook
@@ -84,6 +89,7 @@ class RegisterWhenFairseqImported(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path, target=None) -> Optional[importlib.machinery.ModuleSpec]:
         if fullname == "fairseq":
             sys.meta_path.remove(self)  # fairseq is imported once; this package's later modules need no wrapping
+            quiet_fairseq_notices()
             spec = importlib.util.find_spec(fullname)
         elif fullname.startswith(__name__ + "."):
             spec = importlib.machinery.PathFinder.find_spec(fullname, path)

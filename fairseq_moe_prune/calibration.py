@@ -178,7 +178,7 @@ def safetensors_bytes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]
     offset, blobs = 0, []
     for name in sorted(tensors):
         tensor = tensors[name].contiguous()
-        blob = tensor.view(torch.uint8).reshape(-1).numpy().tobytes() if tensor.numel() else b""
+        blob = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
         header[name] = {"dtype": DTYPES[tensor.dtype], "shape": list(tensor.shape),
                         "data_offsets": [offset, offset + len(blob)]}
         blobs.append(blob)
