@@ -433,7 +433,7 @@ class CalibrationWriter(WrittenAtExit):
             claim = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             raise CalibrationError(f"--moe-calibration-out: {self.path} exists (a run of {pair} with --seed "
-                                   f"{sampler.seed}); give another shard of the direction another --seed, or "
+                                   f"{self.sampler.seed}); give another shard of the direction another --seed, or "
                                    "remove the file to record again") from None
         except OSError as error:
             raise CalibrationError(f"--moe-calibration-out {folder}: {error.strerror or error}") from None

@@ -277,7 +277,12 @@ class MoEStats:
         runs = data["runs"]
         if not isinstance(runs, list):
             raise StatsError("runs is not a list")
-        return cls(fingerprint, dict(data["settings"]), pairs, [Run.from_json(run) for run in runs])
+        runs = [Run.from_json(run) for run in runs]
+        for pair, pair_stats in pairs.items():  # a run counts at most the sentences it was given
+            given = sum(run.subset_sentences for run in runs if run.pair == pair)
+            if any(run.pair == pair for run in runs) and pair_stats.sentences > given:
+                raise StatsError(f"pairs.{pair}.sentences ({pair_stats.sentences}) is more than its runs were given ({given})")
+        return cls(fingerprint, dict(data["settings"]), pairs, runs)
 
 
 def split_pair(pair: Any) -> Tuple[str, str]:

@@ -126,6 +126,7 @@ def workspace(tmp_path_factory):
         "top1-over-tokens.json": set_layer(top1=(0, 10**6), top2=(0, 10**6)),
         "skipped-over-tokens.json": set_layer(skipped=(2, 10**6)),
         "tokens-0.json": set_layer(tokens=0),
+        "sentences-over-subset.json": lambda data: data["pairs"]["src-tgt"].update(sentences=10**6),
         "other-experts.json": lambda data: data["model"].update(experts_sha256="0" * 64),
         "version-4.json": lambda data: data.update(version=4),
     }.items():
@@ -198,6 +199,7 @@ CASES = {
     "stats tokens 0 with counts": (["stats", "show", "{in}/tokens-0.json"], "more than its 0 tokens"),
     "stats merge of counts that do not fit": (["stats", "merge", "{out}/m.json", "{in}/stats.json", "{in}/skipped-over-tokens.json"],
                                               "do not fit together"),
+    "stats sentences > the subset's": (["stats", "show", "{in}/sentences-over-subset.json"], "is more than its runs were given"),
     "stats of other experts": (prune_stats("other-experts.json"), "another model"),
     "stats format 4": (["stats", "show", "{in}/version-4.json"], "version 4 is not supported"),
     "calibration NaN input": (prune_calibration("nan-input.safetensors"), "inputs holds NaN or infinite values"),

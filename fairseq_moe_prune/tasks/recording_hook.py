@@ -65,6 +65,8 @@ class StatsWriter(WrittenAtExit):
     ``stats show`` can tell how much of the subset was counted and ``stats merge`` refuses it twice.
     """
 
+    option = "--moe-stats-out"
+
     def __init__(self, recorder: Recorder, path: str, every_seconds: float, subset: Optional[str] = None,
                  subset_sentences: int = 0):
         if os.path.isdir(path):
@@ -77,8 +79,6 @@ class StatsWriter(WrittenAtExit):
         # written now, at exit (SIGTERM included) and on close(), so that a task that builds a second
         # generator leaves no stale writer behind
         self.open()
-
-    option = "--moe-stats-out"
 
     def write(self) -> None:
         recorded = self.recorder.snapshot()
