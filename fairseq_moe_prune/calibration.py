@@ -19,24 +19,26 @@ fingerprint, the settings and the tokens seen per layer in its metadata, written
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 import torch
 from torch import Tensor
 
-from fairseq_moe_prune.files import WrittenAtExit, atomic_open
+from fairseq_moe_prune.files import WrittenAtExit, atomic_open, make_folder
 from fairseq_moe_prune.models.layout import MoELayerSpec
 from fairseq_moe_prune.moe.layer import RoutingRecord
-from fairseq_moe_prune.stats import Fingerprint, StatsError, split_pair
+from fairseq_moe_prune.stats import Fingerprint, StatsError, split_pair, whole_number
 
 FORMAT = "fairseq-moe-prune/calibration"
-VERSION = 1
+VERSION = 2  # 2: the fingerprint covers the experts; outputs are the no-drop argmax top-2 output (see below)
 FIELDS = ("inputs", "probs", "outputs", "keys")
 FILE_SUFFIX = ".safetensors"
+TARGET_OUTPUTS = "argmax top-k, no capacity drop"  # settings["outputs"]: how Z was computed (CalibrationSampler)
 
 
 class CalibrationError(StatsError):
@@ -92,11 +94,26 @@ def key_generator(seed: int, pair: str, prefix: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-class CalibrationSampler:
-    """Keeps a reservoir per (pair, layer); fed by the recorder's observer, committed per batch."""
+# (layer index, inputs, gate softmax) -> the layer's output as reconstruction assumes it (see CalibrationSampler)
+Target = Callable[[int, Tensor, Tensor], Tensor]
 
-    def __init__(self, specs: List[MoELayerSpec], fingerprint: Fingerprint, settings: Dict[str, Any], seed: int):
+
+class CalibrationSampler:
+    """Keeps a reservoir per (pair, layer); fed by the recorder's observer, committed per batch.
+
+    The output Z kept for a token is what the reconstruction search takes the unpruned layer to compute:
+    each token sent to its top-k experts by argmax of the full softmax, weights renormalised, nothing dropped
+    for capacity (``target``, given by the recorder, runs the layer's own experts that way). The live
+    output differs where the model samples its second expert (``sampling`` / ``random`` policies) or drops
+    tokens for capacity (an eval capacity fraction below 1, NLLB's default): a target holding that routing
+    would ask the pruned layer for something no kept set computes. Only the tokens that enter the reservoir
+    are computed again. Without ``target`` (tests, tools feeding their own layers) the live output is kept.
+    """
+
+    def __init__(self, specs: List[MoELayerSpec], fingerprint: Fingerprint, settings: Dict[str, Any], seed: int,
+                 target: Optional[Target] = None):
         self.specs = specs
+        self.target = target
         self.fingerprint = fingerprint
         self.settings = settings
         self.capacity = int(settings["tokens"])
@@ -126,12 +143,20 @@ class CalibrationSampler:
             if generator is None:
                 generator = key_generator(self.seed, pair, self.specs[index].prefix)
                 self.generators[(pair, index)] = generator
-            keys = torch.rand(inputs.shape[0], generator=generator, dtype=torch.float64)
-            batch = LayerSample(inputs, probs, outputs, keys, int(inputs.shape[0]))
+            seen = int(inputs.shape[0])
+            keys = torch.rand(seen, generator=generator, dtype=torch.float64)
             current = reservoirs.get(index)
             if current is None:
                 current = LayerSample.empty(inputs.shape[1], probs.shape[1])
-            reservoirs[index] = current.merged(batch, self.capacity)
+            # only tokens among the batch's smallest keys, and below the full reservoir's largest, can enter
+            entering = torch.argsort(keys, stable=True)[:self.capacity]
+            if current.size == self.capacity:
+                entering = entering[keys[entering] < current.keys[-1]]
+            entering = entering.sort().values
+            inputs, probs, outputs, keys = inputs[entering], probs[entering], outputs[entering], keys[entering]
+            if self.target is not None and len(entering):
+                outputs = self.target(index, inputs, probs)
+            reservoirs[index] = current.merged(LayerSample(inputs, probs, outputs, keys, seen), self.capacity)
         self.pending = {}
 
     def discard(self) -> None:
@@ -144,12 +169,6 @@ class CalibrationSampler:
         return calibration
 
 
-def file_name(pair: str) -> str:
-    """``eng_Latn-deu_Latn.safetensors``; the pair is checked by stats.split_pair, as every pair read from a file."""
-    split_pair(pair)
-    return pair + FILE_SUFFIX
-
-
 DTYPES = {torch.float32: "F32", torch.float64: "F64"}
 
 
@@ -159,7 +178,7 @@ def safetensors_bytes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]
     offset, blobs = 0, []
     for name in sorted(tensors):
         tensor = tensors[name].contiguous()
-        blob = tensor.view(torch.uint8).reshape(-1).numpy().tobytes() if tensor.numel() else b""
+        blob = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
         header[name] = {"dtype": DTYPES[tensor.dtype], "shape": list(tensor.shape),
                         "data_offsets": [offset, offset + len(blob)]}
         blobs.append(blob)
@@ -211,17 +230,17 @@ def load_file(path: str) -> Calibration:
         raise CalibrationError(f"{path}: no such calibration file") from None
     except (OSError, SafetensorError) as error:
         raise CalibrationError(f"{path}: not a readable calibration file ({error})") from None
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as error:
         if isinstance(error, CalibrationError):
             raise
-        raise CalibrationError(f"{path}: malformed calibration file ({error})") from None
+        raise CalibrationError(f"{path}: malformed calibration file ({type(error).__name__}: {str(error)[:80]})") from None
 
 
 def checked(path: str, fingerprint: Fingerprint, settings: Mapping[str, Any], seen: Mapping[str, Any],
             tensors: Mapping[str, Tensor]) -> Calibration:
     """Build the samples from a file's tensors, refusing anything the metadata does not account for."""
     experts = dict(fingerprint.layers)
-    if not isinstance(settings, dict) or not isinstance(settings.get("tokens"), int) or settings["tokens"] < 1:
+    if not isinstance(settings, dict) or type(settings.get("tokens")) is not int or settings["tokens"] < 1:
         raise CalibrationError(f"{path}: malformed calibration settings")
     calibration = Calibration(fingerprint, dict(settings), {})
     expected = set()
@@ -234,22 +253,61 @@ def checked(path: str, fingerprint: Fingerprint, settings: Mapping[str, Any], se
             raise CalibrationError(f"{path}: malformed language pair {pair!r}")
         calibration.pairs[pair] = {}
         for prefix, count in layers.items():
-            if prefix not in experts or not isinstance(count, int) or count < 0:
-                raise CalibrationError(f"{path}: unknown MoE layer {prefix!r} or bad token count")
+            if prefix not in experts:
+                raise CalibrationError(f"{path}: unknown MoE layer {str(prefix)[:80]!r}")
+            try:
+                whole_number(count, f"{pair} {prefix}: tokens seen")
+            except StatsError as error:
+                raise CalibrationError(f"{path}: {error}") from None
             parts = {name: tensors.get(f"{pair}/{prefix}/{name}") for name in FIELDS}
             if any(t is None for t in parts.values()):
                 raise CalibrationError(f"{path}: {pair} {prefix} lacks some of {', '.join(FIELDS)}")
             expected.update(f"{pair}/{prefix}/{name}" for name in FIELDS)
             sample = LayerSample(parts["inputs"].float(), parts["probs"].float(), parts["outputs"].float(),
                                  parts["keys"].double(), count)
-            n = sample.size
-            if (sample.inputs.dim() != 2 or sample.inputs.shape[0] != n or sample.outputs.shape != sample.inputs.shape
-                    or tuple(sample.probs.shape) != (n, experts[prefix]) or n > settings["tokens"] or n > count):
-                raise CalibrationError(f"{path}: {pair} {prefix}: tensors of inconsistent shapes")
+            problem = sample_problem(sample, experts[prefix], settings["tokens"])
+            if problem:
+                raise CalibrationError(f"{path}: {pair} {prefix}: {problem}")
             calibration.pairs[pair][prefix] = sample
     if set(tensors) != expected:
         raise CalibrationError(f"{path}: tensors the metadata does not list")
     return calibration
+
+
+PROB_TOLERANCE = 1e-3  # a softmax row, stored in float32, sums to 1 within this
+
+
+def sample_problem(sample: LayerSample, num_experts: int, capacity: int) -> Optional[str]:
+    """What is wrong with a sample read from a file (None: nothing): shapes that fit together, every value
+    finite (a NaN would reach the search's sort and the skipping betas), probabilities that are softmax rows,
+    keys ascending in [0, 1)."""
+    if sample.keys.dim() != 1:
+        return f"keys must be a list (1-D), got {sample.keys.dim()}-D"
+    n = sample.size
+    if (sample.inputs.dim() != 2 or sample.inputs.shape[0] != n or sample.outputs.shape != sample.inputs.shape
+            or tuple(sample.probs.shape) != (n, num_experts) or n > capacity or n > sample.seen):
+        return "tensors of inconsistent shapes"
+    for name in FIELDS:
+        if not bool(torch.isfinite(getattr(sample, name)).all()):
+            return f"{name} holds NaN or infinite values"
+    if n and (bool((sample.probs < 0).any()) or bool((sample.probs > 1).any())
+              or float((sample.probs.double().sum(dim=1) - 1).abs().max()) > PROB_TOLERANCE):
+        return "probs are not probabilities (each row a softmax: values in [0, 1] adding up to 1)"
+    if n and (bool((sample.keys < 0).any()) or bool((sample.keys >= 1).any())
+              or bool((sample.keys[1:] < sample.keys[:-1]).any())):
+        return "keys are not ascending numbers in [0, 1)"
+    return None
+
+
+def run_digest(layers: Mapping[str, LayerSample]) -> str:
+    """What one run recorded of one pair (every layer's tokens seen and sampled), to spot a run given twice."""
+    digest = hashlib.sha256()
+    for prefix in sorted(layers):
+        sample = layers[prefix]
+        digest.update(f"{prefix}:{sample.seen}:".encode())
+        for name in FIELDS:
+            digest.update(getattr(sample, name).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def merge(calibrations: Iterable[Calibration]) -> Calibration:
@@ -261,7 +319,8 @@ def merge(calibrations: Iterable[Calibration]) -> Calibration:
     merged = Calibration(first.fingerprint, dict(first.settings), {})
     for calibration in calibrations:
         if calibration.fingerprint != first.fingerprint:
-            raise CalibrationError("calibration files come from different models (MoE layers or gate weights differ)")
+            raise CalibrationError("calibration files come from different models (MoE layers, gate or expert weights "
+                                   "differ)")
         if calibration.settings != first.settings:
             differing = sorted(k for k in set(first.settings) | set(calibration.settings)
                                if first.settings.get(k) != calibration.settings.get(k))
@@ -279,7 +338,16 @@ def load(path: str) -> Calibration:
         names = sorted(name for name in os.listdir(path) if name.endswith(FILE_SUFFIX) and not name.startswith("."))
         if not names:
             raise CalibrationError(f"{path}: no calibration files (*{FILE_SUFFIX}) in this folder")
-        return merge(load_file(os.path.join(path, name)) for name in names)
+        loaded = [load_file(os.path.join(path, name)) for name in names]
+        seen: Dict[Tuple[str, str], str] = {}  # (pair, run digest) -> the file holding it
+        for name, calibration in zip(names, loaded):
+            for pair, layers in calibration.pairs.items():
+                key = (pair, run_digest(layers))
+                if key in seen and any(sample.seen for sample in layers.values()):
+                    raise CalibrationError(f"{path}: {name} and {seen[key]} both hold the same samples of {pair} "
+                                           "(one run twice); merging it twice would count its tokens twice")
+                seen[key] = name
+        return merge(loaded)
     return load_file(path)
 
 
@@ -331,23 +399,63 @@ def view(calibration: Calibration, granularity: str, name: str, prefix: str) -> 
 
 
 class CalibrationWriter(WrittenAtExit):
-    """Writes the sampler's committed samples to ``{folder}/{pair}.safetensors``: empty at the start, then
-    when the process ends (SIGTERM included) or the recording closes."""
+    """Writes the sampler's committed samples to ``{folder}/{pair}.seed-{seed}.safetensors``: empty at the
+    start, then when the process ends (SIGTERM included) or the recording closes.
+
+    One file per run: runs over shards of a direction (each with its own ``--seed``, as their keys must be
+    independent) leave files side by side that ``--calibration FOLDER`` merges. A second run with the same
+    direction and seed into the same folder is refused (it would replace the first run's file, or hold the
+    same tokens twice): the name is claimed with an exclusive create, so two runs started together cannot
+    both take it."""
+
+    option = "--moe-calibration-out"
+    claimed: Set[str] = set()  # files this process claimed (a task that builds a second generator reopens one)
 
     def __init__(self, sampler: CalibrationSampler, folder: str, pair: str):
         self.sampler = sampler
-        self.path = os.path.join(folder, file_name(pair))
-        self.open()
+        self.path = os.path.join(folder, run_file_name(pair, sampler.seed))
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise CalibrationError(f"--moe-calibration-out {folder} is a file; name a folder for the samples")
+        if os.path.abspath(self.path) not in CalibrationWriter.claimed:
+            self.claim(folder, pair)
+        try:
+            self.open()
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.getsize(self.path) == 0:  # still the claim: nothing was written
+                    os.unlink(self.path)
+            raise
+
+    def claim(self, folder: str, pair: str) -> None:
+        """Create the file exclusively (empty until :meth:`open` writes it)."""
+        try:
+            make_folder(folder)
+            claim = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            raise CalibrationError(f"--moe-calibration-out: {self.path} exists (a run of {pair} with --seed "
+                                   f"{self.sampler.seed}); give another shard of the direction another --seed, or "
+                                   "remove the file to record again") from None
+        except OSError as error:
+            raise CalibrationError(f"--moe-calibration-out {folder}: {error.strerror or error}") from None
+        os.close(claim)
+        CalibrationWriter.claimed.add(os.path.abspath(self.path))
 
     def write(self) -> None:
         save(self.sampler.snapshot(), self.path)
+
+
+def run_file_name(pair: str, seed: int) -> str:
+    """``eng_Latn-deu_Latn.seed-1.safetensors``; the pair is checked by stats.split_pair, as every pair read
+    from a file."""
+    split_pair(pair)
+    return f"{pair}.seed-{int(seed)}{FILE_SUFFIX}"
 
 
 def attach(recorder: Any, folder: str, tokens: int, seed: int, pair: str) -> CalibrationWriter:
     """The recording hook's call: sample the tokens ``recorder`` counts into ``folder``."""
     if tokens < 1:
         raise SystemExit(f"error: --moe-calibration-tokens must be at least 1, got {tokens}")
-    settings = dict(recorder.settings, tokens=int(tokens))
-    sampler = CalibrationSampler(recorder.specs, recorder.fingerprint, settings, seed)
+    settings = dict(recorder.settings, tokens=int(tokens), outputs=TARGET_OUTPUTS)
+    sampler = CalibrationSampler(recorder.specs, recorder.fingerprint, settings, seed, recorder.no_drop_output)
     recorder.calibration = sampler
     return CalibrationWriter(sampler, folder, pair)

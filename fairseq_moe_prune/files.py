@@ -137,30 +137,72 @@ def exit_on_sigterm(signum: int, frame) -> None:
     sys.exit(128 + signum)
 
 
+class OutputWriteError(FairseqMoEPruneError):
+    """An output file could not be written (full disk, read-only folder, a file where a folder should be)."""
+
+
 class WrittenAtExit:
     """A file kept in memory: written (atomically, by the subclass's ``write``) when :meth:`open` is called,
     once more when the process ends, SIGTERM included, and a last time on :meth:`close`.
 
     SIGTERM would otherwise kill the process without running atexit (a Slurm job at its time limit): the
     first such file opened turns it into ``sys.exit`` (unless someone else installed a handler, which is left
-    alone) and gives the default action back when it closes."""
+    alone) and gives the default action back when it closes.
 
+    A write that fails (``OSError``, e.g. a full disk) is an :class:`OutputWriteError` naming ``option`` and
+    ``path``. At exit Python would only print an exception and keep the exit status (0 after a finished run),
+    so the last writes of every open file are made by one handler that, if any failed, prints one line and
+    ends the process with status 1: a run whose output is incomplete never looks successful."""
+
+    option = "output"  # the command-line option that named the file, for messages
+    path = ""
     sigterm_installed = False
+    pending: List["WrittenAtExit"] = []  # open files, written once more at exit
+    handler_registered = False
 
     def write(self) -> None:
         raise NotImplementedError
 
+    def write_checked(self) -> None:
+        """:meth:`write`, its ``OSError`` as a one-line error."""
+        try:
+            self.write()
+        except OSError as error:
+            raise OutputWriteError(f"{self.option} {self.path}: {error.strerror or error}") from None
+
     def open(self) -> None:
-        self.write()  # a valid file from the start
-        atexit.register(self.write)
+        self.write_checked()  # a valid file from the start
+        WrittenAtExit.pending.append(self)
+        if not WrittenAtExit.handler_registered:
+            atexit.register(write_pending_at_exit)
+            WrittenAtExit.handler_registered = True
         self.sigterm_installed = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
         if self.sigterm_installed:
             signal.signal(signal.SIGTERM, exit_on_sigterm)
 
     def close(self) -> None:
         """Write the file a last time, and no more at exit."""
-        self.write()
-        atexit.unregister(self.write)
+        if self in WrittenAtExit.pending:
+            WrittenAtExit.pending.remove(self)
         if self.sigterm_installed and signal.getsignal(signal.SIGTERM) is exit_on_sigterm:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
         self.sigterm_installed = False
+        self.write_checked()
+
+
+def write_pending_at_exit() -> None:
+    """The atexit handler of :class:`WrittenAtExit`: write every open file; if one fails, say so in one line
+    and exit with status 1 (``os._exit``: an exception raised here would not change the exit status)."""
+    failures = []
+    while WrittenAtExit.pending:
+        written = WrittenAtExit.pending.pop()
+        try:
+            written.write_checked()
+        except (FairseqMoEPruneError, SystemExit) as error:
+            failures.append(str(error).removeprefix("error: "))
+    if failures:
+        print(f"error: {'; '.join(failures)}", file=sys.stderr)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(1)

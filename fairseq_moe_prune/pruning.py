@@ -6,10 +6,11 @@ checkpoint surgery, one checkpoint per target, plus a manifest of what was kept 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 from torch import Tensor
 from tqdm import tqdm
@@ -40,7 +41,7 @@ from fairseq_moe_prune.ranking import (
     select_fixed,
     select_threshold,
 )
-from fairseq_moe_prune.stats import LayerCounts, MoEStats, StatsError
+from fairseq_moe_prune.stats import Fingerprint, LayerCounts, MoEStats, StatsError
 
 Selection = Dict[str, List[int]]  # layer prefix -> kept original expert ids, ascending
 
@@ -99,9 +100,31 @@ def choose(counts: Mapping[str, LayerCounts], specs: List[MoELayerSpec], options
     return Choice(kept, {prefix: [float(values[prefix][e]) for e in ids] for prefix, ids in kept.items()})
 
 
-def check_stats_match(stats: MoEStats, checkpoint: MoECheckpoint) -> None:
-    if stats.fingerprint != weights_fingerprint(checkpoint.state["model"], checkpoint.specs):
-        raise StatsError("the statistics come from another model (MoE layers or gate weights differ from the checkpoint)")
+def materialized_experts(checkpoint: MoECheckpoint, wanted: Mapping[str, List[int]],
+                         batch: int = 16) -> Iterator[Tuple[str, int, Dict[str, Tensor]]]:
+    """(layer prefix, expert id, its tensors) of the wanted experts, read ``batch`` experts at a time (a sharded
+    checkpoint opens its rank files once per batch)."""
+    entries = checkpoint.experts(wanted)
+    while True:
+        chunk = list(itertools.islice(entries, batch))
+        if not chunk:
+            return
+        tensors = materialize({(i, name): entry for i, (_, _, named) in enumerate(chunk) for name, entry in named.items()})
+        for i, (prefix, expert, named) in enumerate(chunk):
+            yield prefix, expert, {name: tensors[(i, name)] for name in named}
+
+
+def checkpoint_fingerprint(checkpoint: MoECheckpoint) -> Fingerprint:
+    """The fingerprint (fingerprint.py) of a checkpoint's MoE layers: gates and experts."""
+    specs = checkpoint.specs
+    experts = materialized_experts(checkpoint, {spec.prefix: list(range(spec.num_experts)) for spec in specs})
+    return weights_fingerprint([checkpoint.state["model"][spec.gate_key] for spec in specs], experts, specs)
+
+
+def check_stats_match(stats: MoEStats, fingerprint: Fingerprint) -> None:
+    if stats.fingerprint != fingerprint:
+        raise StatsError("the statistics come from another model (MoE layers, gate or expert weights differ from the "
+                         "checkpoint)")
 
 
 def direction_pairs(stats: Optional[MoEStats], options: PruneOptions) -> List[str]:
@@ -238,11 +261,12 @@ def prune(checkpoint_path: str, out_dir: str, options: PruneOptions, stats_path:
     checkpoint = open_checkpoint(checkpoint_path)
     check_output(out_dir, checkpoint.ranks or [], force)
     stats = stats_lib.load(stats_path) if stats_path else None
+    fingerprint = checkpoint_fingerprint(checkpoint) if stats_path or calibration_path else None
     if stats is not None:
         if not stats.pairs:
             raise StatsError(f"{stats_path} holds no language pairs (nothing was recorded)")
-        check_stats_match(stats, checkpoint)
-    calibration = load_calibration(calibration_path, checkpoint) if calibration_path else None
+        check_stats_match(stats, fingerprint)
+    calibration = load_calibration(calibration_path, checkpoint, fingerprint) if calibration_path else None
     imported = read_experts_json(experts_json_in, checkpoint.specs) if experts_json_in else None
     if options.metric == "reconstruction" and imported is None:
         outputs, per_language = reconstruction_plan(calibration, checkpoint, options)
@@ -302,26 +326,32 @@ def write_outputs(checkpoint: MoECheckpoint, outputs: Mapping[str, Choice], per_
     if per_language and len({spec.num_experts for spec in checkpoint.specs}) == 1:
         write_atomic(os.path.join(staging, "experts.json"),
                      json.dumps(experts_json(per_language, checkpoint.specs), sort_keys=True) + "\n")
-    write_atomic(os.path.join(staging, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    # strict JSON: a NaN or inf here is a bug upstream, refused rather than written as a bare NaN
+    write_atomic(os.path.join(staging, "manifest.json"),
+                 json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False) + "\n")
     return manifest
 
 
 # --- reconstruction-loss selection and dynamic skipping (Lu et al. 2024); see reconstruction.py -------------
 
 
-def load_calibration(path: str, checkpoint: MoECheckpoint) -> "calibration_lib.Calibration":
+def load_calibration(path: str, checkpoint: MoECheckpoint, fingerprint: Fingerprint) -> "calibration_lib.Calibration":
     calibration = calibration_lib.load(path)
-    if calibration.fingerprint != weights_fingerprint(checkpoint.state["model"], checkpoint.specs):
-        raise StatsError("the calibration samples come from another model (MoE layers or gate weights differ from "
-                         "the checkpoint)")
+    if calibration.fingerprint != fingerprint:
+        raise StatsError("the calibration samples come from another model (MoE layers, gate or expert weights differ "
+                         "from the checkpoint)")
+    widths = {spec.prefix: int(checkpoint.state["model"][spec.gate_key].shape[1]) for spec in checkpoint.specs}
+    for pair, layers in calibration.pairs.items():
+        for prefix, sample in layers.items():
+            if sample.inputs.shape[1] != widths[prefix]:
+                raise StatsError(f"{path}: {pair} {prefix}: samples of width {sample.inputs.shape[1]}, but the "
+                                 f"checkpoint's layer takes {widths[prefix]}")
     return calibration
 
 
 def layer_experts(checkpoint: MoECheckpoint, spec: MoELayerSpec) -> List[Dict[str, Tensor]]:
     """The weights of every expert of one layer (a sharded checkpoint opens its rank files for them)."""
-    entries = {expert: tensors for _, expert, tensors
-               in checkpoint.experts({spec.prefix: list(range(spec.num_experts))})}
-    return [materialize(entries[expert]) for expert in range(spec.num_experts)]
+    return [tensors for _, _, tensors in materialized_experts(checkpoint, {spec.prefix: list(range(spec.num_experts))})]
 
 
 def view_names(calibration: "calibration_lib.Calibration", options: PruneOptions) -> List[str]:

@@ -57,6 +57,8 @@ def metric_values(counts: LayerCounts, metric: str, seed_text: str = "") -> np.n
     else:
         raise SelectionError(f"unknown metric {metric!r} (choose from {', '.join(METRICS)})")
     values = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(values).all():  # counts that fit together (stats.check_consistent) never give this
+        raise SelectionError(f"the {metric} metric is not finite for some expert; the counts are unusable")
     total = values.sum()
     return values / total if total > 0 else np.full(counts.num_experts, 1.0 / counts.num_experts)
 

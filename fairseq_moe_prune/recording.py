@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fairseq_moe_prune.fingerprint import gate_fingerprint, model_fingerprint, model_layout  # noqa: F401 (also ours)
+from fairseq_moe_prune.fingerprint import model_fingerprint, model_layout
 from fairseq_moe_prune.moe.gate import Routing
 from fairseq_moe_prune.moe.layer import Dispatch, MoELayer, RoutingRecord
 from fairseq_moe_prune.stats import (
@@ -105,6 +105,23 @@ class Recorder:
         finally:
             for index in chosen:
                 self.layers[index].observer = None
+
+    def no_drop_output(self, index: int, inputs: Tensor, probs: Tensor) -> Tensor:
+        """Layer ``index``'s output for ``inputs`` (host float32) routed as the reconstruction search assumes:
+        each token to its top-k experts by argmax of ``probs`` (ties to the lower id), weights renormalised,
+        nothing dropped for capacity, through the layer's own experts and expert output masking."""
+        layer = self.layers[index]
+        weight = layer.gate.wg.weight
+        top_k = min(1 if layer.gate.options.top1 else 2, probs.shape[1])
+        experts = torch.argsort(-probs.double(), dim=1, stable=True)[:, :top_k]
+        chosen = probs.double().gather(1, experts)
+        weights = chosen / torch.clamp(chosen.sum(dim=1, keepdim=True), min=torch.finfo(torch.float64).tiny)
+        routing = Routing(probs=probs.to(weight.device), experts=experts.to(weight.device),
+                          weights=weights.to(weight.device, weight.dtype), dispatch_mask=weights.to(weight.device) != 0,
+                          l_aux=torch.zeros((), device=weight.device))
+        with torch.no_grad():
+            combined, _ = layer.dispatch_and_combine(inputs.to(weight.device, weight.dtype), routing)
+        return combined.float().cpu()
 
     def commit(self, pair: str, sentences: int) -> None:
         """The batch is complete: add its staged counts to ``pair``'s totals (still on the device)."""

@@ -27,8 +27,12 @@ from fairseq_moe_prune.files import refuse_existing, write_atomic
 from fairseq_moe_prune.models.layout import PREFIX_PATTERN, MoELayerSpec
 
 FORMAT = "fairseq-moe-prune/stats"
-VERSION = 4  # 2 added routed / reap_sum (REAP saliency); 3 added runs (identity and subset size); 4 added skipped
-READABLE_VERSIONS = (2, 3, 4)  # a version 2 file reads as one with no runs listed; 2 and 3 with nothing skipped
+# 2 added routed / reap_sum (REAP saliency); 3 added runs (identity and subset size); 4 added skipped;
+# 5 fingerprints the experts too (model.experts_sha256, see fingerprint.py)
+VERSION = 5
+# Older files have no experts fingerprint, so nothing tells which experts they were counted on: refused
+# (record them again). Within version 5 nothing is optional.
+READABLE_VERSIONS = (5,)
 PROB_SCALE = 2**32  # probabilities are summed as round(p * PROB_SCALE)
 REAP_SCALE = 2**20  # gate weight * expert output norm, summed as round(v * REAP_SCALE)
 
@@ -48,7 +52,7 @@ MAX_COUNT = 2**63 - 1  # counts are int64
 
 def check_language(name: Any, what: str = "language") -> str:
     """A language name from a file or the command line: letters, digits and ``_`` only (e.g. eng_Latn)."""
-    if not isinstance(name, str) or not LANGUAGE.match(name):
+    if not isinstance(name, str) or not LANGUAGE.fullmatch(name):
         raise StatsError(f"{what} {str(name)[:40]!r} is not a language name (letters, digits and _ only, e.g. eng_Latn)")
     return name
 
@@ -106,13 +110,41 @@ class LayerCounts:
             raise StatsError(f"{where} is not an object")
         arrays = []
         for name in COUNT_FIELDS:
-            values = data[name] if name != "skipped" or name in data else [0] * num_experts  # before version 4
+            values = data[name]
             if not isinstance(values, list) or len(values) != num_experts:
                 raise StatsError(f"{where}.{name} must list {num_experts} counts, one per expert")
             if not all(type(value) is int for value in values) or min(values) < 0 or max(values) > MAX_COUNT:
                 raise StatsError(f"{where}.{name} must hold whole numbers >= 0")
-            arrays.append(np.array(values, dtype=np.int64))
-        return cls(whole_number(data["tokens"], f"{where}.tokens"), *arrays)
+            arrays.append(values)
+        tokens = whole_number(data["tokens"], f"{where}.tokens")
+        check_consistent(tokens, dict(zip(COUNT_FIELDS, arrays)), where)
+        return cls(tokens, *(np.array(values, dtype=np.int64) for values in arrays))
+
+
+def check_consistent(tokens: int, counts: Mapping[str, List[int]], where: str) -> None:
+    """The counts of one layer against each other, as the recorder makes them (exact integers).
+
+    Every real token has one first choice and at most one second, so per expert: top1 <= top2 <= tokens,
+    routed <= tokens, skipped <= top2 - top1 (second choices only); probabilities are at most 1 each, so
+    prob_first_sum <= top1 * PROB_SCALE, prob_second_sum <= (top2 - top1) * PROB_SCALE and prob_sum <= tokens *
+    PROB_SCALE; ranks are below the number of experts. A file breaking one of these was not written by the
+    recorder (or by adding such files), and derived metrics would leave [0, 1] (importance NaN, shares over 100%).
+    """
+    num_experts = len(counts["top1"])
+    if sum(counts["top1"]) > tokens:
+        raise StatsError(f"{where}: top1 counts add up to more than its {tokens} tokens")
+    bounds = {
+        "top1": lambda e: counts["top2"][e], "top2": lambda e: tokens, "routed": lambda e: tokens,
+        "skipped": lambda e: counts["top2"][e] - counts["top1"][e],
+        "prob_sum": lambda e: tokens * PROB_SCALE, "prob_first_sum": lambda e: counts["top1"][e] * PROB_SCALE,
+        "prob_second_sum": lambda e: (counts["top2"][e] - counts["top1"][e]) * PROB_SCALE,
+        "rank_sum": lambda e: tokens * (num_experts - 1),
+    }
+    for name, bound in bounds.items():
+        for expert, value in enumerate(counts[name]):
+            if value > bound(expert):
+                raise StatsError(f"{where}.{name}[{expert}] = {value} exceeds what {tokens} tokens can give "
+                                 f"({bound(expert)}); the counts do not fit together")
 
 
 @dataclass
@@ -133,10 +165,12 @@ class PairStats:
 
 @dataclass
 class Fingerprint:
-    """Identifies the model statistics were gathered on: its MoE layers and a hash of its gates."""
+    """Identifies the model statistics were gathered on: its MoE layers, a hash of its gates and one of its
+    experts (what is hashed, and why: ``fingerprint.py``)."""
 
     layers: List[Tuple[str, int]]  # (prefix, experts) in layout order
     gate_sha256: str
+    experts_sha256: str
 
     @property
     def specs(self) -> List[MoELayerSpec]:
@@ -144,7 +178,8 @@ class Fingerprint:
         return [MoELayerSpec.from_prefix(prefix, count) for prefix, count in self.layers]
 
     def to_json(self) -> Dict[str, Any]:
-        return {"moe_layers": [[prefix, count] for prefix, count in self.layers], "gate_sha256": self.gate_sha256}
+        return {"moe_layers": [[prefix, count] for prefix, count in self.layers], "gate_sha256": self.gate_sha256,
+                "experts_sha256": self.experts_sha256}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Fingerprint":
@@ -157,10 +192,12 @@ class Fingerprint:
                 raise StatsError(f"model.moe_layers: {str(entry)[:60]} is not [layer prefix, experts]")
         if len({prefix for prefix, _ in layers}) != len(layers):
             raise StatsError("model.moe_layers lists a layer twice")
-        gate = data["gate_sha256"]
-        if not isinstance(gate, str) or not re.fullmatch(r"[0-9a-f]{64}", gate):
-            raise StatsError("model.gate_sha256 is not a sha256 digest")
-        return cls([(prefix, count) for prefix, count in layers], gate)
+        digests = []
+        for name in ("gate_sha256", "experts_sha256"):
+            if not isinstance(data[name], str) or not re.fullmatch(r"[0-9a-f]{64}", data[name]):
+                raise StatsError(f"model.{name} is not a sha256 digest")
+            digests.append(data[name])
+        return cls([(prefix, count) for prefix, count in layers], *digests)
 
 
 @dataclass(frozen=True)
@@ -237,10 +274,15 @@ class MoEStats:
             layers = {prefix: LayerCounts.from_json(counts, experts[prefix], f"pairs.{pair}.{prefix}")
                       for prefix, counts in entry["layers"].items()}
             pairs[pair] = PairStats(whole_number(entry["sentences"], f"pairs.{pair}.sentences"), layers)
-        runs = data.get("runs", [])
+        runs = data["runs"]
         if not isinstance(runs, list):
             raise StatsError("runs is not a list")
-        return cls(fingerprint, dict(data["settings"]), pairs, [Run.from_json(run) for run in runs])
+        runs = [Run.from_json(run) for run in runs]
+        for pair, pair_stats in pairs.items():  # a run counts at most the sentences it was given
+            given = sum(run.subset_sentences for run in runs if run.pair == pair)
+            if any(run.pair == pair for run in runs) and pair_stats.sentences > given:
+                raise StatsError(f"pairs.{pair}.sentences ({pair_stats.sentences}) is more than its runs were given ({given})")
+        return cls(fingerprint, dict(data["settings"]), pairs, runs)
 
 
 def split_pair(pair: Any) -> Tuple[str, str]:
@@ -304,7 +346,7 @@ def load(path: str) -> MoEStats:
 
 def check_compatible(a: MoEStats, b: MoEStats, what: str = "statistics") -> None:
     if a.fingerprint != b.fingerprint:
-        raise StatsError(f"{what} come from different models (MoE layers or gate weights differ)")
+        raise StatsError(f"{what} come from different models (MoE layers, gate or expert weights differ)")
     if a.settings != b.settings:
         differing = sorted(k for k in set(a.settings) | set(b.settings) if a.settings.get(k) != b.settings.get(k))
         raise StatsError(f"{what} were gathered with different settings: {', '.join(differing)}")

@@ -27,7 +27,7 @@ from fairseq_moe_prune import calibration  # noqa: E402
 from fairseq_moe_prune.models.layout import moe_layers  # noqa: E402
 from fairseq_moe_prune.moe.layer import GateOptions, MoELayer  # noqa: E402
 from fairseq_moe_prune.pruning import PruneOptions, prune  # noqa: E402
-from fairseq_moe_prune.fingerprint import gate_fingerprint  # noqa: E402
+from fairseq_moe_prune.fingerprint import weights_fingerprint  # noqa: E402
 
 
 def build(work: Path, dim: int, ffn: int, experts: int, tokens: int, seed: int) -> None:
@@ -38,7 +38,7 @@ def build(work: Path, dim: int, ffn: int, experts: int, tokens: int, seed: int) 
     specs = moe_layers(config)
     options = GateOptions(second_expert_policy="all", eval_capacity_token_fraction=1.0, use_fp32=True)
     torch.manual_seed(seed)
-    weights, samples, gates = {}, {}, []
+    weights, samples, gates, experts = {}, {}, [], []
     for spec in specs:
         layer = MoELayer(dim, ffn, experts, options, eom=0.2).eval()
         with torch.no_grad():
@@ -50,13 +50,15 @@ def build(work: Path, dim: int, ffn: int, experts: int, tokens: int, seed: int) 
         for name, tensor in layer.state_dict().items():
             weights[f"{spec.prefix}.{name}"] = tensor.clone()
         gates.append(layer.gate.wg.weight)
+        experts.extend((spec.prefix, e, dict(expert.named_parameters())) for e, expert in enumerate(layer.experts))
         samples[spec.prefix] = calibration.LayerSample(x, probs, z, torch.rand(tokens, dtype=torch.float64).sort().values,
                                                        tokens)
     state = {"cfg": {"model": config}, "args": None, "model": weights, "optimizer_history": [],
              "extra_state": {}, "last_optimizer_state": None}
     torch.save(state, work / "model.pt")
     settings = {"beam": 1, "decoder_tokens": "hypothesis", "eval_capacity_token_fraction": 1.0, "tokens": tokens}
-    calibration.save(calibration.Calibration(gate_fingerprint(gates, specs), settings, {"eng_Latn-deu_Latn": samples}),
+    fingerprint = weights_fingerprint(gates, experts, specs)
+    calibration.save(calibration.Calibration(fingerprint, settings, {"eng_Latn-deu_Latn": samples}),
                      str(work / "calibration" / "eng_Latn-deu_Latn.safetensors"))
 
 

@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from fairseq_moe_prune import calibration
+from fairseq_moe_prune import calibration, reconstruction
 from fairseq_moe_prune.recording import Recorder
-from tests.helpers import build_tiny_model, random_batch
+from tests.helpers import build_tiny_model, random_batch, randomize
 from tests.test_recording import PAD, REPO, gate_inputs, sample_for
 
 ENC, DEC = "encoder.layers.1.moe_layer", "decoder.layers.1.moe_layer"
@@ -131,5 +131,32 @@ def test_sigterm_keeps_the_finished_batches_samples_without_a_statistics_file(tm
     result = subprocess.run([sys.executable, "-c", CALIBRATION_THEN_SIGTERM, str(tmp_path)], cwd=REPO,
                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
-    samples = calibration.load(str(tmp_path / "out" / "src-tgt.safetensors")).pairs["src-tgt"]
+    (written,) = (tmp_path / "out").glob("src-tgt.seed-*.safetensors")  # one file per run
+    samples = calibration.load(str(written)).pairs["src-tgt"]
     assert samples[DEC].seen > 0 and samples[DEC].size > 0 and samples[ENC].size > 0
+
+
+def test_outputs_are_the_no_drop_argmax_output_the_search_assumes_whatever_the_live_routing(tmp_path):
+    """With NLLB's defaults (second expert sampled, eval capacity 0.25) the live output holds routing the pruned
+    layer never does; the sample keeps the layer's output under argmax top-2 without capacity dropping, so that
+    the full expert set reconstructs it (loss 0 at S = all experts)."""
+    torch.manual_seed(0)
+    cfg, task, model = build_tiny_model(
+        tmp_path / "data", "--moe-calibration-out", str(tmp_path / "out"), "--moe-calibration-tokens", "16",
+        "--moe-second-expert-policy", "sampling", "--moe-eval-capacity-token-fraction", "0.25", "--moe-eom", "0.1",
+        "--beam", "2", "--max-len-b", "5", task="translation_moe_recording",
+    )
+    randomize(model, seed=3)
+    model.eval()
+    generator = task.build_generator([model], cfg.generation)
+    task.inference_step(generator, [model], sample_for(*random_batch(num_sentences=4, seed=2)))
+    snapshot = task.recorder.calibration.snapshot()
+    assert snapshot.settings["outputs"] == calibration.TARGET_OUTPUTS
+    for prefix, sample in snapshot.pairs["src-tgt"].items():
+        layer = model.get_submodule(prefix)
+        experts = [dict(expert.named_parameters()) for expert in layer.experts]
+        assumed = reconstruction.reconstruct(sample.inputs, sample.probs, experts, range(len(experts)),
+                                             reconstruction.activation(cfg.model.activation_fn), layer.eom)
+        assert sample.size > 0
+        torch.testing.assert_close(sample.outputs.double(), assumed, rtol=1e-5, atol=1e-5)
+    task.close_recording()

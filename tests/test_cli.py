@@ -30,8 +30,8 @@ def imported_by(*commands) -> str:
 def write_stats(path: str) -> None:
     counts = stats.LayerCounts.zeros(4)
     counts.tokens = 3
-    counts.top1 = np.array([2, 1, 0, 0], dtype=np.int64)
-    fingerprint = stats.Fingerprint([("encoder.layers.1.moe_layer", 4)], "0" * 64)
+    counts.top1 = counts.top2 = np.array([2, 1, 0, 0], dtype=np.int64)  # top-1 gating: top2 is top1
+    fingerprint = stats.Fingerprint([("encoder.layers.1.moe_layer", 4)], "0" * 64, "0" * 64)
     pair = stats.PairStats(1, {"encoder.layers.1.moe_layer": counts})
     stats.save(stats.MoEStats(fingerprint, {}, {"src-tgt": pair}), path)
 

@@ -33,9 +33,10 @@ def synthetic_statistics(path):
         for prefix in LAYERS:
             counts = stats_lib.LayerCounts.zeros(4)
             counts.tokens, counts.top1[:] = 100, rng.multinomial(100, [0.25] * 4)
+            counts.top2[:] = counts.top1  # top-1 gating: counts that fit together
             layers[prefix] = counts
         pairs[pair] = stats_lib.PairStats(10, layers)
-    stats_lib.save(stats_lib.MoEStats(stats_lib.Fingerprint([(p, 4) for p in LAYERS], "0" * 64), {}, pairs), str(path))
+    stats_lib.save(stats_lib.MoEStats(stats_lib.Fingerprint([(p, 4) for p in LAYERS], "0" * 64, "0" * 64), {}, pairs), str(path))
 
 
 def run_entry(method, level, hypotheses, references):

@@ -19,7 +19,7 @@ from fairseq_moe_prune.checkpoints.surgery import (
 )
 from fairseq_moe_prune.files import OutputExistsError
 from fairseq_moe_prune.models.layout import MoELayerSpec
-from fairseq_moe_prune.pruning import PruneOptions, plan, prune
+from fairseq_moe_prune.pruning import PruneOptions, checkpoint_fingerprint, plan, prune
 from fairseq_moe_prune.ranking import SelectionError
 from tests.helpers import build_tiny_model, logits, random_batch, save_like_trainer, tiny_checkpoint_with_stats
 
@@ -222,6 +222,27 @@ def test_the_library_refuses_options_that_do_not_go_together(tmp_path):
     assert not os.listdir(tmp_path)
 
 
+def test_statistics_of_a_model_with_the_same_gates_but_other_experts_are_refused(recorded, tmp_path):
+    """The fingerprint covers what the metrics and the search depend on: gates and experts alike; the recorder's
+    (built model) and the checkpoint's (single file and expert-sharded) agree."""
+    model_path, stats_path = str(recorded[0] / "model.pt"), str(recorded[0] / "stats.json")
+    checkpoint = open_checkpoint(model_path)
+    recorded_fingerprint = stats.load(stats_path).fingerprint
+    assert checkpoint_fingerprint(checkpoint) == recorded_fingerprint
+    every = {spec.prefix: list(range(spec.num_experts)) for spec in checkpoint.specs}
+    save_sharded(prune_checkpoint(checkpoint, every), str(tmp_path / "split-shared.pt"))
+    assert checkpoint_fingerprint(open_checkpoint(str(tmp_path / "split-shared.pt"))) == recorded_fingerprint
+
+    state = torch.load(model_path, weights_only=False)
+    state["model"][f"{DEC}.experts.3.fc1.weight"] *= 2  # other experts, the same gates
+    torch.save(state, tmp_path / "other-experts.pt")
+    other = checkpoint_fingerprint(open_checkpoint(str(tmp_path / "other-experts.pt")))
+    assert other.gate_sha256 == recorded_fingerprint.gate_sha256 and other.experts_sha256 != recorded_fingerprint.experts_sha256
+    with pytest.raises(stats.StatsError, match="another model .MoE layers, gate or expert weights differ"):
+        prune(str(tmp_path / "other-experts.pt"), str(tmp_path / "out"), PruneOptions(prune_fraction=0.5, ratio="1:1"),
+              stats_path=stats_path)
+    assert not (tmp_path / "out").exists()
+
 
 ENC_LAYER, DEC_LAYER = "encoder.layers.1.moe_layer", "decoder.layers.1.moe_layer"
 
@@ -236,7 +257,7 @@ def two_language_stats():
                                                          DEC_LAYER: counts([10, 20, 30, 40], [0.5] * 4, [0.25] * 4)})
              for language, top1 in encoder.items()}
     specs = [MoELayerSpec("encoder", 1, 4), MoELayerSpec("decoder", 1, 4)]
-    return stats.MoEStats(stats.Fingerprint([(s.prefix, 4) for s in specs], "0" * 64), {}, pairs), specs
+    return stats.MoEStats(stats.Fingerprint([(s.prefix, 4) for s in specs], "0" * 64, "0" * 64), {}, pairs), specs
 
 
 def test_shared_experts_are_the_pooled_statistics_best_in_every_languages_set():

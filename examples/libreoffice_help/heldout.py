@@ -21,7 +21,7 @@ from fairseq_moe_prune import reconstruction
 from fairseq_moe_prune.checkpoints.layouts import open_checkpoint
 from fairseq_moe_prune.files import atomic_open
 from fairseq_moe_prune.models.layout import config_value
-from fairseq_moe_prune.pruning import layer_experts, load_calibration, read_experts_json
+from fairseq_moe_prune.pruning import checkpoint_fingerprint, layer_experts, load_calibration, read_experts_json
 
 
 def relative_losses(checkpoint_path: Path, samples: Mapping[str, Path], runs: Mapping[str, Path]) -> Dict[str, dict]:
@@ -31,7 +31,8 @@ def relative_losses(checkpoint_path: Path, samples: Mapping[str, Path], runs: Ma
     config = checkpoint.config
     activation_fn = reconstruction.activation(str(config_value(config, "activation_fn", "relu")))
     eom = float(config_value(config, "moe_eom", 0.0))
-    calibrations = {name: load_calibration(str(path), checkpoint) for name, path in samples.items()}
+    fingerprint = checkpoint_fingerprint(checkpoint)
+    calibrations = {name: load_calibration(str(path), checkpoint, fingerprint) for name, path in samples.items()}
     kept = {run: read_experts_json(str(path), checkpoint.specs) for run, path in runs.items()}
     errors = {run: {name: 0.0 for name in samples} for run in runs}
     norms = {name: 0.0 for name in samples}

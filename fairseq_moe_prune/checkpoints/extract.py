@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, fields
@@ -32,7 +33,7 @@ from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
 from fairseq_moe_prune.checkpoints.streaming import Entry, materialize
 from fairseq_moe_prune.checkpoints.surgery import CheckpointView, save_single, staged_directory
 from fairseq_moe_prune.files import atomic_open, refuse_existing
-from fairseq_moe_prune.models.layout import MoEConfigError, MoELayerSpec, config_value, gate_layer
+from fairseq_moe_prune.models.layout import MoEConfigError, MoELayerSpec, config_value, gate_layer, skip_betas
 from fairseq_moe_prune.models.task_routing import TaskSpace, routes_by_task, split_pair, task_routing
 from fairseq_moe_prune.moe.gate import task_gating
 from fairseq_moe_prune.moe.layer import GateOptions
@@ -87,7 +88,26 @@ def task_fold(gate_weight: Tensor, task_row: Tensor, options: GateOptions, eom: 
     )
     experts = [int(e) for e in routing.experts[0]]
     factors = [w * (1 - eom) for w in routing.weights[0].tolist()]
+    if not all(math.isfinite(c) for c in factors):
+        raise ExtractError("the task's gate weights are not finite (NaN or inf in the gate or the task embedding)")
     return Fold([e for e, c in zip(experts, factors) if c != 0], [c for c in factors if c != 0])
+
+
+def task_row(checkpoint: MoECheckpoint, spec: MoELayerSpec, space: TaskSpace, task: int) -> Tensor:
+    """Row ``task`` of the side's task embedding, checked against the config (one row per task) and the gate."""
+    key = f"{spec.side}.moe_task_embed.weight"
+    weights = checkpoint.state["model"]
+    if key not in weights:
+        raise ExtractError(f"{checkpoint.path}: the config routes the {spec.side} by task but the weights have no {key}")
+    embed, gate = weights[key], weights[spec.gate_key]
+    expected = (space.num_tasks(spec.side), int(gate.shape[1]))
+    if tuple(embed.shape) != expected:
+        raise ExtractError(f"{checkpoint.path}: {key} has shape {tuple(embed.shape)}, but the config's "
+                           f"{expected[0]} tasks and the gate's width need {expected}")
+    row = embed[task]
+    if not bool(torch.isfinite(row).all()):
+        raise ExtractError(f"{checkpoint.path}: {key} row {task} holds NaN or infinite values")
+    return row
 
 
 def fold_ffn(experts: List[Mapping[str, Tensor]], factors: List[float]) -> Dict[str, Tensor]:
@@ -144,10 +164,14 @@ def moe_config(config: Any, specs: List[MoELayerSpec], kept: List[MoELayerSpec],
     """This plugin's config with only the ``kept`` (token-routed) MoE layers and the given FFN widths."""
     config = copy.copy(config)
     freq = max(int(config_value(config, "encoder_moe_freq", 0)), int(config_value(config, "moe_freq", 0)))
+    betas = dict(zip((spec.prefix for spec in specs), skip_betas(config)))
+    kept_betas = [betas[spec.prefix] for spec in kept]
     values: Dict[str, Any] = {"moe_freq": 0, "encoder_moe_freq": freq if kept else 0, "decoder_moe_freq": 0,
                               "encoder_moe_expert_counts": ",".join(str(s.num_experts) for s in kept) or None,
                               "decoder_moe_expert_counts": None, "moe_task_routing": "none",
-                              "moe_task_langs": None, "moe_task_pairs": None}
+                              "moe_task_langs": None, "moe_task_pairs": None,
+                              # one beta per MoE layer left (the folded layers had none: they route by task)
+                              "moe_skip_betas": ",".join(repr(b) for b in kept_betas) if any(kept_betas) else None}
     for side in ("encoder", "decoder"):
         values[f"{side}_ffn_dims"] = ",".join(map(str, dims[side])) if dims[side] else None
         values[f"{side}_ffn_embed_dim"] = widths[side]
@@ -206,8 +230,7 @@ def extract_task(checkpoint: MoECheckpoint, source: Optional[str], target: str, 
         if spec.prefix in kept_prefixes:
             continue
         task = space.task_id(spec.side, source, target)
-        fold = task_fold(weights[spec.gate_key], weights[f"{spec.side}.moe_task_embed.weight"][task],
-                         options, eom)
+        fold = task_fold(weights[spec.gate_key], task_row(checkpoint, spec, space, task), options, eom)
         experts = {expert: materialize(tensors) for _, expert, tensors in checkpoint.experts({spec.prefix: fold.experts})}
         folds[spec.prefix] = fold
         ffns[f"{spec.side}.layers.{spec.layer}"] = fold_ffn([experts[e] for e in fold.experts], fold.factors)
@@ -272,6 +295,21 @@ def extract_task(checkpoint: MoECheckpoint, source: Optional[str], target: str, 
     return Extracted(CheckpointView(state, model), form, folds, widths, int(zero_padding))
 
 
+def check_encoder_langtok(checkpoint: MoECheckpoint) -> None:
+    """Folding reads a sentence's source language as the task of its encoder and of a decoder routed by pair,
+    as the model does with ``--encoder-langtok src`` (the source language token in every source). A model
+    trained with ``tgt`` sees the target language there instead: refused rather than folded wrongly."""
+    state = checkpoint.state
+    task_config = (state.get("cfg") or {}).get("task") if state.get("cfg") is not None else None
+    if task_config is None:
+        task_config = state.get("args")
+    langtok = config_value(task_config, "encoder_langtok") if task_config is not None else None
+    needs_source = routes_by_task(checkpoint.config, "encoder") or TaskSpace.from_config(checkpoint.config).task == "pair"
+    if needs_source and langtok is not None and str(langtok) != "src":
+        raise ExtractError(f"{checkpoint.path}: the model was trained with --encoder-langtok {str(langtok)[:20]}, so "
+                           "its encoder sees no source language token; extract needs --encoder-langtok src")
+
+
 def config_gate_options(config: Any) -> GateOptions:
     """The gating flags of a checkpoint's model config (a Namespace or a dict)."""
     from fairseq_moe_prune.models.transformer_layers import gate_options
@@ -289,6 +327,7 @@ def extract(checkpoint_path: str, out_dir: str, tasks: List[str], per_layer: boo
         raise ExtractError(f"{checkpoint_path}: the model routes by token (moe_task_routing none): "
                            "only a task-routed MoE has a fixed sub-network per task")
     space = TaskSpace.from_config(config)
+    check_encoder_langtok(checkpoint)
     if not tasks or len(set(tasks)) != len(tasks):
         raise ExtractError("name each task once: --task LANG_OR_PAIR[,...]")
     parsed = {task: parse_task(task, space, routes_by_task(config, "encoder")) for task in tasks}

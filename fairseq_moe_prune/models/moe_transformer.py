@@ -10,7 +10,9 @@ learned task embedding per side (``encoder.moe_task_embed``, ``decoder.moe_task_
 
 
 import copy
+import math
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -111,6 +113,37 @@ class MoEConfig(FairseqDataclass):
         metadata={"help": "comma-separated devices (e.g. cuda:0,cuda:1) over which each MoE layer's experts are "
                           "split evenly; list the device that holds the rest of the model first"},
     )
+
+
+FIELD_RANGES = {"moe_eom": (0.0, 1.0)}  # closed ranges of our float fields beyond "finite"; ints are >= 0
+
+
+def expected_value(kind: Any, name: str, value: Any) -> Optional[str]:
+    """What a value of a field of type ``kind`` must be, when ``value`` is not that (None: it is)."""
+    if kind is bool:
+        return None if isinstance(value, bool) else "true or false (a bool, not a string)"
+    if kind is int:
+        return None if type(value) is int and value >= 0 else "a whole number >= 0"
+    if kind is float:
+        low, high = FIELD_RANGES.get(name, (-math.inf, math.inf))
+        fine = type(value) in (int, float) and math.isfinite(value) and low <= value <= high
+        return None if fine else "a finite number" + (f" in [{low:g}, {high:g}]" if name in FIELD_RANGES else "")
+    if isinstance(kind, type) and issubclass(kind, Enum):
+        choices = [choice.value for choice in kind]
+        return None if (value.value if isinstance(value, Enum) else value) in choices else f"one of {', '.join(choices)}"
+    return None if isinstance(value, str) else "a string"  # Optional[str]
+
+
+def check_field_types(cfg: Any) -> None:
+    """Every MoEConfig field of ``cfg`` has its declared type: a bool is a bool (``'False'`` is not: a
+    non-empty string is true), an int an int, a float a finite number (in its range), a string a string, a
+    choice one of its choices; None leaves the default. Values come from checkpoints and
+    ``--model-overrides`` as well as from the parser, so they are checked where the model is built."""
+    for spec in fields(MoEConfig):
+        value = cfg.get(spec.name) if isinstance(cfg, dict) else getattr(cfg, spec.name, None)
+        expected = None if value is None else expected_value(spec.type, spec.name, value)
+        if expected is not None:
+            raise MoEConfigError(f"{spec.name} must be {expected}, got {repr(value)[:40]}")
 
 
 def task_embedding(cfg: Any, side: str, embed_dim: int) -> Optional[nn.Embedding]:
@@ -309,6 +342,7 @@ class MoETransformerModel(TransformerModel):
     @classmethod
     def build_model(cls, args, task):
         moe_base_architecture(args)
+        check_field_types(args)  # before any field is used: --model-overrides and checkpoints are input too
         check_placement(args, moe_layers(args))
         skip_betas(args)  # fail early, with a clear message, on inconsistent MoE fields (and skipping betas)
         task_routing.configure(args, task)

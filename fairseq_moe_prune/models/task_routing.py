@@ -146,6 +146,9 @@ def configure(args: Any, task: Any) -> None:
         args.moe_task_pairs = ",".join(task.lang_pairs)
     if not getattr(task_args, "decoder_langtok", False) or not getattr(task_args, "encoder_langtok", None):
         raise MoEConfigError("task routing reads the languages from the batch: use --encoder-langtok src --decoder-langtok")
+    if str(task_args.encoder_langtok) != "src" and (routes_by_task(args, "encoder") or TaskSpace.from_config(args).task == "pair"):
+        raise MoEConfigError("task routing reads the source language from the source's language token: use "
+                             f"--encoder-langtok src (not {str(task_args.encoder_langtok)[:20]})")
     if not getattr(task_args, "lang_tok_replacing_bos_eos", False):
         raise MoEConfigError("task routing needs the target language token as the decoder's first input: "
                              "add --lang-tok-replacing-bos-eos (to training and translation alike)")

@@ -65,6 +65,8 @@ class StatsWriter(WrittenAtExit):
     ``stats show`` can tell how much of the subset was counted and ``stats merge`` refuses it twice.
     """
 
+    option = "--moe-stats-out"
+
     def __init__(self, recorder: Recorder, path: str, every_seconds: float, subset: Optional[str] = None,
                  subset_sentences: int = 0):
         if os.path.isdir(path):
@@ -82,15 +84,12 @@ class StatsWriter(WrittenAtExit):
         recorded = self.recorder.snapshot()
         if self.subset is not None:
             recorded = stats.identify_runs(recorded, self.subset, self.subset_sentences)
-        try:
-            stats.save(recorded, self.path)
-        except OSError as error:
-            raise SystemExit(f"error: --moe-stats-out {self.path}: {error.strerror or error}") from None
+        stats.save(recorded, self.path)
         self.last_write = time.monotonic()
 
     def maybe_write(self) -> None:
         if time.monotonic() - self.last_write >= self.every_seconds:
-            self.write()
+            self.write_checked()
 
 
 class EncoderKeepingEnsemble(EnsembleModel):
@@ -126,7 +125,12 @@ class GateRecordingMixin:
         target = self._recording_option("target_lang")
         if not source or not target:
             raise SystemExit("error: --moe-stats-out needs --source-lang and --target-lang")
-        return f"{source}-{target}"
+        pair = f"{source}-{target}"
+        try:  # the rule every file that names a pair is read with: refused now, not when the file is read
+            stats.split_pair(pair)
+        except stats.StatsError as error:
+            raise SystemExit(f"error: --source-lang/--target-lang: {error}") from None
+        return pair
 
     def decoder_bos(self) -> int:
         """The token the decoder starts from (fairseq's translation tasks start from EOS)."""
@@ -146,6 +150,7 @@ class GateRecordingMixin:
             if len(models) != 1:
                 raise SystemExit("error: --moe-stats-out records one model; pass a single --path")
             model = models[0]
+            pair = self.recording_pair()  # before any file is written
             settings = {
                 "decoder_tokens": str(self._recording_option("moe_stats_decoder")),
                 "beam": int(getattr(generator, "beam_size", 1)),
@@ -163,7 +168,7 @@ class GateRecordingMixin:
                 seed = self._recording_option("seed")  # --seed: in the legacy tasks' args, else torch was seeded with it
                 self.calibration_writer = calibration.attach(
                     self.recorder, calibration_out, int(self._recording_option("moe_calibration_tokens")),
-                    int(torch.initial_seed() if seed is None else seed), self.recording_pair())
+                    int(torch.initial_seed() if seed is None else seed), pair)
                 logger.info(f"sampling MoE layer inputs and outputs into {calibration_out}")
         return generator
 

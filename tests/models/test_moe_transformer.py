@@ -126,3 +126,23 @@ def test_moe_model_trains_its_gates_through_the_criterion(tmp_path, decoder_laye
     torch.testing.assert_close(loss.detach(), cross_entropy + 0.5 * expected_gate)
     loss.backward()
     assert all(model.get_submodule(prefix).gate.wg.weight.grad.abs().sum() > 0 for prefix in ran)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"moe_expert_offload": "False"}, "moe_expert_offload must be true or false"),
+    ({"moe_gating_use_fp32": 1}, "moe_gating_use_fp32 must be true or false"),
+    ({"moe_offload_cache_experts": "4"}, "moe_offload_cache_experts must be a whole number"),
+    ({"moe_offload_cache_experts": float("inf")}, "moe_offload_cache_experts must be a whole number"),
+    ({"moe_expert_count": True}, "moe_expert_count must be a whole number"),
+    ({"moe_eval_capacity_token_fraction": float("nan")}, "must be a finite number"),
+    ({"moe_eom": 1.5}, r"moe_eom must be a finite number in \[0, 1\]"),
+    ({"moe_second_expert_policy": "best"}, "moe_second_expert_policy must be one of all, sampling, random"),
+    ({"moe_skip_betas": 0.5}, "moe_skip_betas must be a string"),
+])
+def test_every_field_of_ours_is_type_checked_where_the_model_is_built(tmp_path, override, message):
+    """--model-overrides and checkpoints hand the model any Python value: a wrong type is refused in one line."""
+    cfg, task, _ = build_tiny_model(tmp_path / "data")
+    for name, value in override.items():
+        setattr(cfg.model, name, value)
+    with pytest.raises(MoEConfigError, match=message):
+        task.build_model(cfg.model)
