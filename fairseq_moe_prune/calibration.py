@@ -351,9 +351,18 @@ def load(path: str) -> Calibration:
     return load_file(path)
 
 
+# The most tokens one layer is judged on for one output. A view pooling more (NLLB-200's 200 directions at
+# 2,048 tokens each are 409,600 tokens per layer) is reduced to this many by :func:`pool`'s weighted reservoir.
+# The search holds tokens x experts^2 float64 inner products and four tokens x experts tables, so at NLLB's
+# size (128 experts) this bound is 32,768 x 128 x (128 + 4) x 8 B = 4.1 GiB of search data per layer (409,600
+# tokens would be 52 GiB), plus the pooled samples: 32,768 x (2 x 2,048 + 128) x 4 B = 0.5 GiB.
+POOL_TOKENS = 32768
+
+
 @dataclass
 class Pool:
-    """The tokens one layer is judged on: samples of several pairs, each token weighing seen/kept."""
+    """The tokens one layer is judged on: samples of several pairs, each token weighing seen/kept, or (when
+    the view had more than its bound) a weighted reservoir of them, with its weights (see :func:`pool`)."""
 
     inputs: Tensor
     probs: Tensor
@@ -365,17 +374,60 @@ class Pool:
         return int(self.weights.shape[0])
 
 
-def pool(samples: List[LayerSample]) -> Pool:
+def check_pool_tokens(limit: int) -> None:
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise CalibrationError(f"--calibration-pool-tokens must be a whole number of at least 1, got {limit!r}")
+
+
+def pool_priorities(sample: LayerSample, weight: float) -> Tensor:
+    """Priority-sampling keys of a sample's tokens: weight / u, u uniform in (0, 1] from a stream seeded by the
+    sample's own reservoir keys, so the same samples always give the same priorities."""
+    digest = hashlib.sha256(sample.keys.contiguous().numpy().tobytes()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    uniform = 1.0 - torch.rand(sample.size, generator=generator, dtype=torch.float64)
+    return weight / uniform
+
+
+def pool(samples: List[LayerSample], limit: int = POOL_TOKENS) -> Pool:
+    """The tokens of ``samples`` together, in order, each weighing ``seen / kept`` of its sample.
+
+    More than ``limit`` tokens are reduced to ``limit`` by priority sampling (Duffield, Lund and Thorup,
+    2007), a weighted reservoir: token i of weight w_i gets the priority q_i = w_i / u_i, the ``limit``
+    highest priorities are kept (in their pooled order) and each takes the weight max(w_i, tau), tau the
+    highest priority left out, which estimates any weighted sum over the view without bias; the kept
+    weights are then scaled so that they add up to the view's tokens seen exactly. Only the kept rows are
+    gathered: memory is bounded by ``limit``, not by the view.
+    """
+    check_pool_tokens(limit)
     samples = [s for s in samples if s.size > 0]
     if not samples:
         return Pool(torch.zeros(0, 0), torch.zeros(0, 0), torch.zeros(0, 0), torch.zeros(0, dtype=torch.float64))
     weights = [torch.full((s.size,), s.seen / s.size, dtype=torch.float64) for s in samples]
-    return Pool(torch.cat([s.inputs for s in samples]), torch.cat([s.probs for s in samples]),
-                torch.cat([s.outputs for s in samples]), torch.cat(weights))
+    if sum(s.size for s in samples) <= limit:
+        return Pool(torch.cat([s.inputs for s in samples]), torch.cat([s.probs for s in samples]),
+                    torch.cat([s.outputs for s in samples]), torch.cat(weights))
+    priorities = torch.cat([pool_priorities(s, s.seen / s.size) for s in samples])
+    ranked = torch.argsort(-priorities, stable=True)
+    kept = torch.sort(ranked[:limit]).values
+    threshold = priorities[ranked[limit]]
+    all_weights = torch.cat(weights)
+    kept_weights = torch.maximum(all_weights[kept], threshold)
+    kept_weights = kept_weights * (all_weights.sum() / kept_weights.sum())
+    rows: Dict[str, List[Tensor]] = {"inputs": [], "probs": [], "outputs": []}
+    start = 0
+    for sample in samples:
+        end = start + sample.size
+        local = kept[(kept >= start) & (kept < end)] - start
+        for name, parts in rows.items():
+            parts.append(getattr(sample, name).index_select(0, local))
+        start = end
+    return Pool(torch.cat(rows["inputs"]), torch.cat(rows["probs"]), torch.cat(rows["outputs"]), kept_weights)
 
 
-def view(calibration: Calibration, granularity: str, name: str, prefix: str) -> Tuple[Pool, str]:
-    """The tokens layer ``prefix`` is judged on for output ``name``, and what they are (for messages).
+def view(calibration: Calibration, granularity: str, name: str, prefix: str,
+         limit: int = POOL_TOKENS) -> Tuple[Pool, str]:
+    """The tokens layer ``prefix`` is judged on for output ``name`` (at most ``limit``: :func:`pool`), and what
+    they are (for messages).
 
     global: all pairs; pair: the pair ``name``; language (``name`` a direction or a language): encoder
     layers from the pairs with that source language, decoder layers from those with that target.
@@ -395,7 +447,7 @@ def view(calibration: Calibration, granularity: str, name: str, prefix: str) -> 
         language = source if encoder else target
         pairs = [p for p in sorted(calibration.pairs) if split_pair(p)[0 if encoder else 1] == language]
         what = f"{language} as a {'source' if encoder else 'target'}"
-    return pool([calibration.pairs[p][prefix] for p in pairs if prefix in calibration.pairs[p]]), what
+    return pool([calibration.pairs[p][prefix] for p in pairs if prefix in calibration.pairs[p]], limit), what
 
 
 class CalibrationWriter(WrittenAtExit):

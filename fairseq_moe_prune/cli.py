@@ -58,7 +58,10 @@ def cmd_prune(args: argparse.Namespace) -> None:
         min_per_layer=args.min_per_layer, directions=args.directions.split(",") if args.directions else None,
         fp16=args.fp16, sharded=args.sharded, seed=args.seed, skip_beta=args.skip_beta, beam=args.beam,
         shared=args.shared,
+        search_device=args.search_device,
     )
+    if args.calibration_pool_tokens is not None:
+        options.calibration_pool_tokens = args.calibration_pool_tokens
     manifest = prune(args.checkpoint, args.out, options, stats_path=args.stats,
                      experts_json_in=args.experts_json, force=args.force, calibration_path=args.calibration)
     for name, output in manifest["outputs"].items():
@@ -129,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "output is closest to the full layer's (needs --calibration)")
     prune.add_argument("--beam", type=int, default=4,
                        help="kept sets the reconstruction search carries when it cannot enumerate them all")
+    prune.add_argument("--calibration-pool-tokens", type=int,
+                       help="most calibration tokens a layer is judged on per expert set: a view with more (a global "
+                            "or per-language view over many directions) is reduced to a weighted reservoir of this "
+                            "many (default fairseq_moe_prune.calibration.POOL_TOKENS: 4.1 GiB of search data per "
+                            "layer of 128 experts)")
+    prune.add_argument("--search-device", default="cpu",
+                       help="where the reconstruction search evaluates the experts on the calibration tokens: cpu "
+                            "(default) or cuda[:N]; the search itself runs on the CPU")
     prune.add_argument("--skip-beta", help="store dynamic skipping in the checkpoints: median (of the calibration "
                        "tokens, per layer), a number, or one number per MoE layer")
     prune.add_argument("--selection", choices=SELECTIONS, default="fixed",

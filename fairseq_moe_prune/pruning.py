@@ -65,6 +65,8 @@ class PruneOptions:
     exact_limit: int = 5000  # reconstruction: enumerate every kept set when there are at most this many
     shared: int = 0  # per language, fixed selection: this many of each layer's kept experts are the same for every
     # language, the most valuable by the statistics of all pairs pooled (a remedy for into-English over-generation)
+    calibration_pool_tokens: int = calibration_lib.POOL_TOKENS  # reconstruction: most tokens a layer is judged on
+    search_device: str = "cpu"  # reconstruction: where the experts are evaluated on the calibration tokens
 
 
 @dataclass
@@ -249,6 +251,8 @@ def check_request(options: PruneOptions, stats_path: Optional[str], experts_json
         raise SelectionError("give --stats, --calibration (with --metric reconstruction) or --experts-json")
     if options.beam < 1:
         raise SelectionError(f"--beam must be at least 1, got {options.beam}")
+    calibration_lib.check_pool_tokens(options.calibration_pool_tokens)
+    reconstruction.search_device(options.search_device)
 
 
 def prune(checkpoint_path: str, out_dir: str, options: PruneOptions, stats_path: Optional[str] = None,
@@ -389,6 +393,7 @@ def reconstruction_plan(calibration: Optional["calibration_lib.Calibration"], ch
     per_layer = fixed_per_layer_counts(specs, Budget(options.prune_fraction, options.keep), options.ratio,
                                        options.min_per_layer)
     names = view_names(calibration, options)
+    device = reconstruction.search_device(options.search_device)
     choices = {name: Choice({}, {}) for name in names}
     for spec in tqdm(specs, desc="reconstruction search", unit="layer", disable=None):
         if per_layer[spec.prefix] == spec.num_experts:  # nothing to choose (e.g. --prune-fraction 0 --skip-beta)
@@ -397,13 +402,14 @@ def reconstruction_plan(calibration: Optional["calibration_lib.Calibration"], ch
             continue
         experts = layer_experts(checkpoint, spec)
         for name in names:
-            pool, what = calibration_lib.view(calibration, options.granularity, name, spec.prefix)
+            pool, what = calibration_lib.view(calibration, options.granularity, name, spec.prefix,
+                                              options.calibration_pool_tokens)
             if pool.size == 0:
                 if options.granularity == "language":
                     continue  # this language never was on this side; combine_direction says so if it is needed
                 raise SelectionError(f"the calibration samples have no tokens of {spec.prefix} from {what}")
             problem = reconstruction.layer_problem(pool.inputs, pool.probs, pool.outputs, pool.weights, experts,
-                                                   activation_fn, eom)
+                                                   activation_fn, eom, device)
             result = reconstruction.search(problem, per_layer[spec.prefix], options.exact_limit, options.beam)
             choices[name].kept[spec.prefix] = result.kept
             choices[name].values[spec.prefix] = result.removal_cost
@@ -444,7 +450,8 @@ def skip_betas(calibration: Optional["calibration_lib.Calibration"], specs: List
         raise SelectionError("--skip-beta median needs --calibration (samples from --moe-calibration-out)")
     betas = []
     for spec in specs:
-        pool, what = calibration_lib.view(calibration, options.granularity, name, spec.prefix)
+        pool, what = calibration_lib.view(calibration, options.granularity, name, spec.prefix,
+                                          options.calibration_pool_tokens)
         if pool.size == 0:
             raise SelectionError(f"the calibration samples have no tokens of {spec.prefix} from {what}")
         betas.append(reconstruction.median_skip_beta(pool.probs, pool.weights, choice.kept[spec.prefix]))

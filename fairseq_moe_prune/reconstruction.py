@@ -14,6 +14,10 @@ is then judged without touching an expert again. Sets are enumerated exactly whe
 time, re-evaluating only the tokens whose top two contained the removed expert, and then swaps a kept
 expert for a removed one while that helps. The importance ranking of the same tokens is always a
 candidate too, so the result is never worse than it.
+
+At NLLB-200's size the experts' evaluation is nearly all the cost (8.6 GFLOP per token and layer): it runs
+on ``--search-device`` (cpu or cuda); :func:`layer_problem` states the measured CPU rate and what NLLB-200
+costs on a CPU and on one GPU. The tokens a layer is judged on are bounded by ``calibration.POOL_TOKENS``.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from fairseq_moe_prune.stats import PROB_SCALE, LayerCounts
 
 EXACT_LIMIT = 5000  # enumerate every kept set when there are at most this many
 BEAM = 4  # kept sets the search carries from one size to the next (1: greedy)
-CHUNK_BYTES = 64 * 2**20  # expert outputs of at most this many bytes exist at once
+CHUNK_BYTES = 64 * 2**20  # expert outputs of at most this many bytes exist at once (on the CPU)
+DEVICE_CHUNK_BYTES = 2**30  # on a GPU: larger chunks, so that each expert's product is one large matrix product
+CPU = torch.device("cpu")
 ENUMERATION_ELEMENTS = 2**22  # sets x tokens x experts judged at once by the enumeration
 
 
@@ -84,21 +90,63 @@ class LayerProblem:
         return int(self.probs.shape[1])
 
 
+def search_device(name: str) -> torch.device:
+    """``--search-device``: where the experts are evaluated on the calibration tokens (cpu, cuda, cuda:N)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise SelectionError(f"--search-device: {name!r} is not a device name (cpu, cuda, cuda:N)") from None
+    if device.type == "cpu":
+        return CPU
+    if device.type != "cuda":
+        raise SelectionError(f"--search-device: {name}: only cpu and cuda devices are supported")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = 0 if device.index is None else device.index
+    if index >= count:
+        raise SelectionError(f"--search-device: {name} does not exist (this machine has {count} CUDA "
+                             f"device{'s' if count != 1 else ''})")
+    return torch.device("cuda", index)
+
+
 def layer_problem(inputs: Tensor, probs: Tensor, outputs: Tensor, token_weights: Tensor,
-                  experts: Sequence[Mapping[str, Tensor]], activation_fn: Callable, eom: float = 0.0) -> LayerProblem:
-    """Run every expert once on the tokens (a chunk at a time) and keep only their inner products."""
+                  experts: Sequence[Mapping[str, Tensor]], activation_fn: Callable, eom: float = 0.0,
+                  device: torch.device = CPU) -> LayerProblem:
+    """Run every expert once on the tokens (a chunk at a time, on ``device``) and keep only their inner
+    products, on the CPU, where the search runs.
+
+    The experts' outputs are nearly all the arithmetic: at NLLB-200's size (d_model 2,048, FFN 8,192, 128
+    experts) 2 x 2 x 2,048 x 8,192 x 128 = 8.6 GFLOP per token and layer, float32; the inner products add
+    128 x 128 x 2,048 x 2 = 0.07 GFLOP in float64. Measured (``scripts/bench_reconstruction.py --rate``: 256
+    tokens x 2 experts at that width, 2 threads of the project's shared 2-core CPU under ``nice``, best of 3,
+    noisy): 146 GFLOP/s by wall time (110 GFLOP per CPU second), i.e. 0.06 s per token and layer. NLLB-200
+    with 200 directions of 2,048 calibration tokens: per pair or per language every token is judged once per
+    layer, 409,600 x 12 x 8.6 GFLOP = 42 PFLOP, about 80 hours on such a CPU; one global set is bounded by
+    ``calibration.POOL_TOKENS`` (32,768) tokens per layer, 3.4 PFLOP, about 6.4 hours. On one GPU (estimates
+    from peak rates, not measured: float32 without TF32, PyTorch's default, is 67 TFLOP/s on an H100 SXM and
+    19.5 on an A100; at 70% of peak) 42 PFLOP take about 15 minutes on an H100 and 51 on an A100, 3.4 PFLOP
+    one to four minutes; copying each layer's 128 experts to the GPU (8.6 GB in fp16) adds seconds. The
+    search itself stays on the CPU: it judges sets from the inner products and never touches an expert again.
+
+    On the CPU the result is the same, bit for bit, whatever ``device`` says there; on a GPU the products
+    round differently, so losses differ in the last bits (and a set can change only where two tie that
+    closely).
+    """
     num_tokens, dim = inputs.shape
     num_experts = len(experts)
     if probs.shape != (num_tokens, num_experts):
         raise SelectionError(f"calibration has {probs.shape[1]} experts per token but the layer has {num_experts}")
-    chunk = max(1, CHUNK_BYTES // max(1, num_experts * dim * 4))
+    chunk_bytes = CHUNK_BYTES
+    if device.type != "cpu":
+        experts = [{name: tensor.to(device) for name, tensor in weights.items()} for weights in experts]
+        chunk_bytes = DEVICE_CHUNK_BYTES
+    chunk = max(1, chunk_bytes // max(1, num_experts * dim * 4))
     zy = torch.empty(num_tokens, num_experts, dtype=torch.float64)
     gram = torch.empty(num_tokens, num_experts, num_experts, dtype=torch.float64)
     with torch.no_grad():
         for start in range(0, num_tokens, chunk):
             end = min(start + chunk, num_tokens)
-            y = expert_outputs(inputs[start:end].float(), experts, activation_fn).double() * (1.0 - eom)
-            z = outputs[start:end].double()
+            y = expert_outputs(inputs[start:end].to(device).float(), experts, activation_fn).double() * (1.0 - eom)
+            z = outputs[start:end].to(device).double()
             zy[start:end] = torch.bmm(y, z[:, :, None]).squeeze(2)
             gram[start:end] = torch.bmm(y, y.transpose(1, 2))
     probs = probs.double()

@@ -86,6 +86,8 @@ def profile(checkpoint: Path, cache: int, device: str, batches: int) -> None:
     import fairseq_moe_prune  # noqa: F401  (registers the model and our loading)
     from fairseq import checkpoint_utils
 
+    from fairseq_moe_prune.moe.placement import LOOKAHEAD, StagingRing
+
     cuda = device.startswith("cuda")
 
     def sync() -> None:
@@ -122,15 +124,21 @@ def profile(checkpoint: Path, cache: int, device: str, batches: int) -> None:
     copies_before = sum(layer.placement.stats.copies for layer in layers)
     offload_seconds = timed(offloaded)
     copies = sum(layer.placement.stats.copies for layer in layers) - copies_before
-    # one expert copied alone, host to device, as the cache does it
+    # one expert copied alone, host to device, as the cache does it (page-locked into the staging ring first)
     expert = layers[0].experts[0]
     host = dict(expert.named_parameters())
     buffers = {name: torch.empty(t.shape, dtype=layers[0].experts.compute_dtype, device=device) for name, t in host.items()}
+    ring = StagingRing(LOOKAHEAD + 1, torch.Tensor.pin_memory if cuda else torch.Tensor.clone)
     sync()
     start = time.perf_counter()
     for _ in range(20):
-        for name, tensor in host.items():
+        for name, tensor in ring.stage(host).items():
             buffers[name].copy_(tensor, non_blocking=True)
+        event = torch.cuda.Event() if cuda else None
+        if event is not None:
+            event.record()
+        ring.copied(event)
+    ring.drain()
     sync()
     copy_seconds = (time.perf_counter() - start) / 20
     expert_bytes = sum(t.numel() * t.element_size() for t in buffers.values())

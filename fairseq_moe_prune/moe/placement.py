@@ -5,11 +5,14 @@ A layer asks its placement to run its experts on the token chunks routed to them
 ``fairseq-generate`` through ``--model-overrides``):
 
 - resident (the default): the experts are ordinary submodules and move with the model;
-- offload (``moe_expert_offload``): every expert's weights stay in host memory (pinned where CUDA is
-  present) and are never moved by ``model.cuda()``; a layer copies to the compute device only the
-  experts its batch routes to, into an LRU cache of ``moe_offload_cache_experts`` experts per layer,
-  and issues the copy of the next routed expert before the current one computes (on a side CUDA
-  stream, so that the copy is hidden behind compute; on the CPU the same code runs synchronously);
+- offload (``moe_expert_offload``): every expert's weights stay in host memory as loaded (memory-mapped
+  where the checkpoint was) and are never moved by ``model.cuda()``; a layer copies to the compute
+  device only the experts its batch routes to, into an LRU cache of ``moe_offload_cache_experts``
+  experts per layer, and issues the copy of the next routed expert before the current one computes
+  (on a side CUDA stream of the compute device, so that the copy is hidden behind compute; on the CPU
+  the same code runs synchronously). Nothing is page-locked up front: an expert is page-locked when it
+  is copied, into a :class:`StagingRing` of ``LOOKAHEAD + 1`` experts that the layer empties when its
+  forward ends, so at most that many experts are page-locked at once, whatever the model's size;
 - devices (``moe_expert_devices``): the experts of each layer are split evenly, in order, over a list
   of devices; tokens travel to their expert's device and back.
 
@@ -26,9 +29,9 @@ experts and no way to know which expert runs next, so the copy-ahead and the LRU
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -187,23 +190,24 @@ class HostExperts(nn.ModuleList):
     Weights keep the checkpoint's dtype on the host (memory-mapped where loaded from a file), or take
     the dtype the model computes in when that is narrower (``.half()`` of an fp32 checkpoint halves
     the host memory); otherwise the compute dtype is applied when an expert is copied to the device.
-    Either way the rounding is the one converting the resident weights would do.
+    Either way the rounding is the one converting the resident weights would do. They are never
+    page-locked here: :class:`StagingRing` page-locks an expert when it is copied.
     """
 
     def __init__(self, experts: List[nn.Module]):
         super().__init__(experts)
         self.compute_dtype = torch.get_default_dtype()
-        self.pin = False
+        # counts the times the host weights may have changed (loading, casting): device copies made
+        # from an earlier generation are stale
+        self.generation = 0
 
     def _apply(self, fn, recurse=True):
-        self.compute_dtype, device = target_of(fn, self.compute_dtype)
-        self.pin = self.pin or device.type == "cuda"
+        self.compute_dtype, _ = target_of(fn, self.compute_dtype)
         self.update_host_tensors()
         return self
 
     def update_host_tensors(self) -> None:
-        """Narrow host weights to the compute dtype; page-lock them once the model is on a GPU, so that
-        copies run asynchronously at full bandwidth."""
+        """Narrow host weights to the compute dtype; copies cached on a device become stale."""
         narrow = torch.empty(0, dtype=self.compute_dtype).element_size()
         with torch.no_grad():
             for expert in self:
@@ -213,11 +217,9 @@ class HostExperts(nn.ModuleList):
                     value = parameter.data
                     if value.is_floating_point() and value.element_size() > narrow:
                         value = value.to(self.compute_dtype)
-                    if self.pin and not value.is_pinned():
-                        value = value.pin_memory()
-                    if value is not parameter.data:
                         module_name, _, tensor_name = name.rpartition(".")
                         setattr(expert.get_submodule(module_name), tensor_name, nn.Parameter(value, requires_grad=False))
+        self.generation += 1
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -258,6 +260,65 @@ class DeviceExperts:
         return outputs
 
 
+LOOKAHEAD = 1  # routed experts whose copy is issued before the computing expert runs
+
+
+def page_locked(tensor: Tensor) -> Tensor:
+    """A page-locked copy of a host tensor, from which a copy to a GPU runs asynchronously at full
+    bandwidth (CUDA's caching host allocator reuses the block once the copies from it are done)."""
+    return tensor.pin_memory()
+
+
+def tensor_bytes(tensors: Dict[str, Tensor]) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+
+
+class StagingRing:
+    """Page-locked copies of experts on their way to the device, at most ``slots`` of them at once.
+
+    Page-locking every offloaded expert up front would lock the whole model (96 GiB for NLLB-200) and
+    read every memory-mapped expert into RAM. Instead each expert is page-locked as it is copied
+    (``pin``); before another is staged beyond ``slots``, the oldest waits for its copy to finish and is
+    released, and a layer drains its ring when its forward ends. Layers run one after another, so
+    page-locked memory never exceeds ``slots`` experts (``LOOKAHEAD + 1``: the expert computing and the
+    ones copied ahead), however many experts, layers or cache places the model has.
+    """
+
+    def __init__(self, slots: int, pin: Callable[[Tensor], Tensor] = page_locked):
+        self.slots = slots
+        self.pin = pin
+        self.held: "Deque[Tuple[Dict[str, Tensor], Optional[torch.cuda.Event]]]" = deque()
+        self.held_bytes = 0
+        self.peak_bytes = 0  # most bytes staged at once (for tests and benchmarks)
+
+    def stage(self, tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """Page-locked copies of ``tensors``; :meth:`copied` then says when the copy from them is done."""
+        while len(self.held) >= self.slots:
+            self.release_oldest()
+        staged = {}
+        for name, tensor in tensors.items():
+            staged[name] = self.pin(tensor)
+            self.held_bytes += tensor_bytes({name: staged[name]})
+            self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+        self.held.append((staged, None))
+        return staged
+
+    def copied(self, event: Optional[torch.cuda.Event]) -> None:
+        """The copy from the latest staged expert was queued; ``event`` completes with it (None: it is done)."""
+        staged, _ = self.held.pop()
+        self.held.append((staged, event))
+
+    def release_oldest(self) -> None:
+        staged, event = self.held.popleft()
+        if event is not None:
+            event.synchronize()
+        self.held_bytes -= tensor_bytes(staged)
+
+    def drain(self) -> None:
+        while self.held:
+            self.release_oldest()
+
+
 @dataclass
 class CacheStats:
     """How an offloaded layer's cache served its experts (for benchmarks and tests)."""
@@ -270,18 +331,23 @@ class CacheStats:
 class OffloadedExperts:
     """Experts in host memory, copied on demand into a per-layer LRU cache on the compute device.
 
-    Before expert ``j`` computes, the copy of the next routed expert is issued (on a side stream
-    under CUDA), so that it runs while ``j`` computes. The cache evicts the least recently used
-    expert; the one computing is always the most recent, so with two or more places the copy ahead
-    never overwrites weights in use.
+    Before expert ``j`` computes, the copy of the next routed expert is issued (on a side stream of
+    the compute device under CUDA), so that it runs while ``j`` computes. The cache evicts the least
+    recently used expert; the one computing is always the most recent, so with two or more places the
+    copy ahead never overwrites weights in use. Copies go through a :class:`StagingRing` where a ``pin``
+    function is given, and always on a GPU (``page_locked``); on the CPU without one they are plain copies.
+    Cached copies are dropped when the model moves, is cast, or loads other weights.
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, pin: Optional[Callable[[Tensor], Tensor]] = None):
         self.capacity = capacity
+        self.pin = pin
         self.cache: "OrderedDict[int, Dict[str, Tensor]]" = OrderedDict()
         self.ready: Dict[int, Optional[torch.cuda.Event]] = {}
+        self.generation: Optional[int] = None  # the host weights' generation the cache was filled from
         self.stats = CacheStats()
         self.copy_stream: Optional[torch.cuda.Stream] = None
+        self.staging: Optional[StagingRing] = None
 
     def run(self, layer: "MoELayer", chunks: List[Tensor], skip_empty: bool) -> List[Tensor]:
         if layer.training:
@@ -293,21 +359,37 @@ class OffloadedExperts:
         device = chunks[0].device
         if self.cache:
             cached = next(iter(next(iter(self.cache.values())).values()))
-            if cached.device != device or cached.dtype != host.compute_dtype:  # the model was moved or cast
+            if (self.generation != host.generation  # other weights were loaded, or the model was cast
+                    or cached.device != device or cached.dtype != host.compute_dtype):  # or moved
                 self.cache.clear()
                 self.ready.clear()
+        self.generation = host.generation
+        staging = self.staging_ring(device)
         outputs = []
-        self.fetch(host, order[0], device)
-        for position, j in enumerate(order):
-            weights = self.cache[j]
-            self.cache.move_to_end(j)
-            if position + 1 < len(order):
-                self.fetch(host, order[position + 1], device)  # copied while expert j computes
-            self.wait(j, device)
-            outputs.append(functional_call(host[j], weights, (chunks[j],)))
+        try:
+            self.fetch(host, order[0], device, staging)
+            for position, j in enumerate(order):
+                weights = self.cache[j]
+                self.cache.move_to_end(j)
+                if position + 1 < len(order):
+                    self.fetch(host, order[position + 1], device, staging)  # copied while expert j computes
+                self.wait(j, device)
+                outputs.append(functional_call(host[j], weights, (chunks[j],)))
+        finally:
+            if staging is not None:
+                staging.drain()
         return outputs
 
-    def fetch(self, host: HostExperts, j: int, device: torch.device) -> None:
+    def staging_ring(self, device: torch.device) -> Optional[StagingRing]:
+        """The ring copies to ``device`` go through: always on a GPU, on the CPU where a pin function is given."""
+        pin = self.pin or (page_locked if device.type == "cuda" else None)
+        if pin is None:
+            return None
+        if self.staging is None or self.staging.pin is not pin:
+            self.staging = StagingRing(LOOKAHEAD + 1, pin)
+        return self.staging
+
+    def fetch(self, host: HostExperts, j: int, device: torch.device, staging: Optional[StagingRing] = None) -> None:
         """Make sure expert ``j`` is (being) copied to ``device``."""
         if j in self.cache:
             self.cache.move_to_end(j)
@@ -322,6 +404,8 @@ class OffloadedExperts:
         else:
             buffers = {name: torch.empty(tensor.shape, dtype=host.compute_dtype, device=device)
                        for name, tensor in tensors.items()}
+        if staging is not None:
+            tensors = staging.stage(tensors)
         event = None
         with self.copy_context(device):
             for name, tensor in tensors.items():
@@ -331,6 +415,8 @@ class OffloadedExperts:
                     buffer.record_stream(self.copy_stream)  # not reused by the allocator while the copy runs
                 event = torch.cuda.Event()
                 event.record(self.copy_stream)
+        if staging is not None:
+            staging.copied(event)
         self.cache[j] = buffers
         self.ready[j] = event
         self.stats.copies += 1
@@ -341,7 +427,7 @@ class OffloadedExperts:
         if device.type != "cuda":
             yield
             return
-        if self.copy_stream is None:
+        if self.copy_stream is None or self.copy_stream.device != device:  # the stream follows the model
             self.copy_stream = torch.cuda.Stream(device=device)
         # the copy may overwrite an evicted expert's place: wait for the compute queued so far (which ends
         # with the last use of that place), not for the expert about to be queued

@@ -6,6 +6,7 @@ to-device-and-back path as over two GPUs.
 """
 
 import re
+import weakref
 
 import pytest
 import torch
@@ -15,7 +16,14 @@ from fairseq_moe_prune.checkpoints import placed
 from fairseq_moe_prune.checkpoints.layouts import open_checkpoint
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
 from fairseq_moe_prune.checkpoints.surgery import prune_checkpoint, save_sharded, save_single
-from fairseq_moe_prune.moe.placement import HostExperts, PlacedExperts, PlacementError, split_evenly
+from fairseq_moe_prune.moe.placement import (
+    LOOKAHEAD,
+    HostExperts,
+    PlacedExperts,
+    PlacementError,
+    split_evenly,
+    tensor_bytes,
+)
 from tests.conftest import multilingual_args, run_cli
 from tests.helpers import build_tiny_model, logits, random_batch, randomize, save_like_trainer
 
@@ -87,6 +95,92 @@ def test_offload_copies_only_routed_experts_into_a_bounded_cache(plain):
         assert torch.equal(logits(half_plain, batch), logits(half_other, batch))
     finally:
         model.float()
+
+
+class StandInPin:
+    """Page-locking as the tests can run it without a GPU: a copy, whose bytes are counted while alive."""
+
+    def __init__(self):
+        self.live = 0
+        self.peak = 0
+        self.calls = 0
+
+    def __call__(self, tensor):
+        copy = tensor.clone()
+        size = copy.numel() * copy.element_size()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        self.calls += 1
+        weakref.finalize(copy, self.released, size)
+        return copy
+
+    def released(self, size):
+        self.live -= size
+
+
+def resident_and_offloaded(folder, seed, cache=2):
+    """A fresh random model and an offloaded one loaded from it (the module's ``plain`` model has been cast)."""
+    cfg, task, model = build_tiny_model(folder, *UNEVEN)
+    randomize(model, seed=seed)
+    _, _, other = build_tiny_model(folder, *UNEVEN, "--moe-expert-offload", "--moe-offload-cache-experts", str(cache))
+    other.load_state_dict(model.state_dict())
+    return cfg, task, model.eval(), other.eval()
+
+
+def test_offload_page_locks_only_a_staging_ring_and_generation_stays_bit_identical(tmp_path):
+    cfg, task, model, other = resident_and_offloaded(tmp_path, seed=3)
+    pin = StandInPin()
+    for layer in other.moe_layers():
+        layer.placement.pin = pin  # one counter over the whole model
+    batch = random_batch(num_sentences=6, seed=1)
+    assert torch.equal(logits(model, batch), logits(other, batch))
+    cfg.generation.beam, cfg.generation.max_len_a, cfg.generation.max_len_b = 4, 0, 8
+    generator = task.build_generator([model], cfg.generation)
+    sample = {"net_input": {"src_tokens": batch[0], "src_lengths": batch[1]}, "id": torch.arange(6)}
+    with torch.no_grad():
+        hyps_plain = task.inference_step(generator, [model], sample)
+        hyps_other = task.inference_step(generator, [other], sample)
+    for a, b in zip(hyps_plain, hyps_other):
+        for x, y in zip(a, b):
+            assert torch.equal(x["tokens"], y["tokens"]) and torch.equal(x["positional_scores"], y["positional_scores"])
+
+    # every copy went through the ring, and never more than the expert computing and the one copied ahead
+    # were page-locked at once over the whole model (the host experts themselves never are)
+    expert = max(tensor_bytes(dict(e.named_parameters())) for layer in other.moe_layers() for e in layer.experts)
+    cache = cfg.model.moe_offload_cache_experts
+    copies = sum(layer.placement.stats.copies for layer in other.moe_layers())
+    assert copies > 0 and pin.calls == 4 * copies  # fc1/fc2 weight and bias of each copied expert
+    assert expert < pin.peak <= (LOOKAHEAD + 1) * expert <= (cache + LOOKAHEAD) * expert
+    assert pin.live == 0  # each layer drains its ring when its forward ends
+    assert all(layer.placement.staging.peak_bytes <= (LOOKAHEAD + 1) * expert for layer in other.moe_layers())
+
+
+def test_load_state_dict_after_a_forward_replaces_the_cached_copies(tmp_path):
+    _, _, model, other = resident_and_offloaded(tmp_path, seed=3, cache=5)  # every expert stays cached
+    batch = random_batch(num_sentences=6, seed=1)
+    assert torch.equal(logits(model, batch), logits(other, batch))
+    assert all(len(layer.placement.cache) >= 2 for layer in other.moe_layers())
+    _, _, changed = build_tiny_model(tmp_path, *UNEVEN)
+    randomize(changed, seed=11)
+    other.load_state_dict(changed.state_dict())
+    expected = logits(changed, batch)
+    assert not torch.equal(expected, logits(model, batch))
+    assert torch.equal(logits(other, batch), expected)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_copy_stream_follows_the_model_to_another_gpu(tmp_path):
+    _, _, model, other = resident_and_offloaded(tmp_path, seed=3)
+    batch = random_batch(num_sentences=6, seed=1)
+    expected = logits(model, batch)
+    for device in ("cuda:0", "cuda:1"):
+        other.to(device)
+        got = logits(other, [t.to(device) for t in batch])
+        assert torch.allclose(got.cpu(), expected, atol=1e-5)  # GPU kernels round differently from the CPU's
+        for layer in other.moe_layers():
+            assert layer.placement.copy_stream.device == torch.device(device)
+            assert layer.placement.staging.held_bytes == 0
+        assert not any(p.is_pinned() for layer in other.moe_layers() for p in layer.experts.parameters())
 
 
 def test_experts_split_evenly_over_devices():
