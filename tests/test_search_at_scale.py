@@ -9,7 +9,7 @@ import torch
 
 from fairseq_moe_prune import calibration, cli, reconstruction
 from fairseq_moe_prune.calibration import CalibrationError, LayerSample
-from fairseq_moe_prune.fingerprint import gate_fingerprint
+from fairseq_moe_prune.fingerprint import weights_fingerprint
 from fairseq_moe_prune.models.layout import moe_layers
 from fairseq_moe_prune.moe.layer import GateOptions, MoELayer
 from fairseq_moe_prune.pruning import PruneOptions, prune
@@ -109,12 +109,13 @@ def write_toy(folder, experts: int = 6, dim: int = 8, ffn: int = 16, tokens: int
               "moe_freq": 4, "moe_expert_count": experts, "activation_fn": "relu", "moe_eom": 0.2,
               "moe_gating_use_fp32": True, "moe_second_expert_policy": "all", "moe_eval_capacity_token_fraction": 1.0}
     specs = moe_layers(config)
-    weights, gates, pairs = {}, [], {f"l{i:02d}_Latn-eng_Latn": {} for i in range(directions)}
+    weights, gates, experts_of, pairs = {}, [], [], {f"l{i:02d}_Latn-eng_Latn": {} for i in range(directions)}
     for index, spec in enumerate(specs):
         layer = random_layer(experts, dim, ffn, seed=index)
         for name, tensor in layer.state_dict().items():
             weights[f"{spec.prefix}.{name}"] = tensor.clone()
         gates.append(layer.gate.wg.weight.detach())
+        experts_of.extend((spec.prefix, e, dict(expert.named_parameters())) for e, expert in enumerate(layer.experts))
         for number, pair in enumerate(pairs):
             x = torch.randn(tokens, dim, generator=torch.Generator().manual_seed(100 * index + number))
             keys = torch.rand(tokens, dtype=torch.float64, generator=torch.Generator().manual_seed(number)).sort().values
@@ -124,7 +125,7 @@ def write_toy(folder, experts: int = 6, dim: int = 8, ffn: int = 16, tokens: int
     torch.save({"cfg": {"model": config}, "args": None, "model": weights, "optimizer_history": [], "extra_state": {},
                 "last_optimizer_state": None}, folder / "model.pt")
     settings = {"beam": 1, "decoder_tokens": "hypothesis", "eval_capacity_token_fraction": 1.0, "tokens": tokens}
-    calibration.save(calibration.Calibration(gate_fingerprint(gates, specs), settings, pairs),
+    calibration.save(calibration.Calibration(weights_fingerprint(gates, experts_of, specs), settings, pairs),
                      str(folder / "calibration.safetensors"))
 
 
