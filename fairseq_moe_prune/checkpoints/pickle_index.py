@@ -26,7 +26,13 @@ from typing import IO, Any, Dict, Tuple
 
 import torch
 
-from fairseq_moe_prune.checkpoints.safe_load import CheckpointError, check_names, first_line, pickle_globals
+from fairseq_moe_prune.checkpoints.safe_load import (
+    CheckpointError,
+    check_names,
+    check_nesting,
+    first_line,
+    pickle_globals,
+)
 from fairseq_moe_prune.checkpoints.zip_records import (
     STORED,
     ZipRecord,
@@ -252,13 +258,14 @@ def unpickle(unpickler: StructureUnpickler, path: str) -> Any:
     try:
         state = unpickler.load()
         plain_namespaces(state)
-        return state
     except Unsupported:
         raise
     except CheckpointError as error:  # a forged record (see Unbuildable)
         raise CheckpointError(f"{path}: {error}") from None
     except Exception as error:  # the scan accepted it, yet the C unpickler cannot read it: let torch say why
         raise Unsupported(first_line(error)) from None
+    check_nesting(state, path)
+    return state
 
 
 def read_index(path: str) -> CheckpointIndex:

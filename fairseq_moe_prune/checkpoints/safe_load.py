@@ -160,6 +160,30 @@ def check_checkpoint(path: str) -> None:
     check_names(path, unsafe_globals(path))
 
 
+MAX_NESTING = 100  # containers within containers: a fairseq state has fewer than 10; pickling recurses per level
+
+
+def check_nesting(state: Any, path: str) -> None:
+    """Refuse a loaded state nested deeper than :data:`MAX_NESTING` (writing it again, or walking it, would
+    exhaust Python's recursion limit); the walk itself is iterative."""
+    stack = [(state, 0)]
+    seen: Set[int] = set()
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise CheckpointError(f"{path}: not a fairseq checkpoint (its contents are nested more than "
+                                  f"{MAX_NESTING} deep)")
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, dict):
+            stack.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            stack.extend((item, depth + 1) for item in value)
+        elif isinstance(value, argparse.Namespace):
+            stack.extend((item, depth + 1) for item in vars(value).values())
+
+
 def check_names(path: str, names: Set[str]) -> None:
     """Raise an :class:`UnsafeCheckpointError` if the pickles of ``path`` name anything off the allowlist."""
     bad = sorted(set(names) - allowed_globals())
@@ -181,8 +205,11 @@ def load_checkpoint(path: str, mmap: bool = True, meta: bool = False) -> Dict[st
     check_checkpoint(path)
     try:
         if meta:
-            return torch.load(path, map_location="meta", weights_only=True)
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            state = torch.load(path, map_location="meta", weights_only=True)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        check_nesting(state, path)
+        return state
     except pickle.UnpicklingError as error:
         raise UnsafeCheckpointError(f"{path}: refusing to load: {refusal_reason(error)}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
