@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, 
 import torch
 from torch import Tensor
 
-from fairseq_moe_prune.files import WrittenAtExit, atomic_open, make_folder
+from fairseq_moe_prune.files import WrittenAtExit, atomic_open, is_regular_file, make_folder, regular_files
 from fairseq_moe_prune.models.layout import MoELayerSpec
 from fairseq_moe_prune.moe.layer import RoutingRecord
 from fairseq_moe_prune.stats import Fingerprint, StatsError, split_pair, whole_number
@@ -335,7 +335,7 @@ def merge(calibrations: Iterable[Calibration]) -> Calibration:
 def load(path: str) -> Calibration:
     """A calibration file, or every ``*.safetensors`` file of a folder, merged."""
     if os.path.isdir(path):
-        names = sorted(name for name in os.listdir(path) if name.endswith(FILE_SUFFIX) and not name.startswith("."))
+        names = regular_files(path, FILE_SUFFIX)  # a FIFO among them would block the reader forever
         if not names:
             raise CalibrationError(f"{path}: no calibration files (*{FILE_SUFFIX}) in this folder")
         loaded = [load_file(os.path.join(path, name)) for name in names]
@@ -348,6 +348,8 @@ def load(path: str) -> Calibration:
                                            "(one run twice); merging it twice would count its tokens twice")
                 seen[key] = name
         return merge(loaded)
+    if os.path.exists(path) and not is_regular_file(path):
+        raise CalibrationError(f"{path}: not a regular file (calibration samples are a file or a folder of files)")
     return load_file(path)
 
 

@@ -1,10 +1,17 @@
-"""Output files appear whole or not at all: written to a temporary file beside them, then renamed.
+"""Inputs are never touched, and outputs appear whole or not at all.
 
-Temporary files (``.tmp-``) and staging folders (``.staging-``, see checkpoints/surgery.py) carry
-their owner in their name (a hash of the host name and the process id), so a run that was killed
-outright (SIGKILL, power loss) leaves something the next run in that folder recognises and removes.
+Every command that writes first calls :func:`check_output`: the output must not be, contain or lie inside
+any file an input consists of, and its path must fit the file system's limits (checked before anything is
+created). Outputs are written to a temporary file (:func:`atomic_open`) or a staging folder
+(:func:`staged_directory`) beside them, then renamed.
+
+Temporary files (``.tmp-``) and staging folders (``.staging-``) carry their owner in their name (a hash
+of the host name and the process id), so a run that was killed outright (SIGKILL, power loss) leaves
+something the next run in that folder recognises and removes. Their names are short whatever the output's
+name (a legal output name never makes a temporary name too long), and no error names them.
 SIGINT and SIGTERM wait while a temporary file or folder is being created, so that one always
-exists under a name the cleanup knows.
+exists under a name the cleanup knows. Input folders are listed with :func:`regular_files`: a FIFO or a
+device is never opened.
 """
 
 import atexit
@@ -16,14 +23,18 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
-from typing import IO, Iterator, List
+from typing import IO, Iterable, Iterator, List
 
 from fairseq_moe_prune.errors import FairseqMoEPruneError
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 LEFTOVER = re.compile(r"^\.(tmp|staging)-([0-9a-f]{8})-(\d+)-")
+NAME_MAX = 255  # bytes in a file name (Linux's file systems)
+PATH_MAX = 4096  # bytes in a path, its terminating NUL included
+INNER_NAMES = 512  # bytes an output folder's path leaves for the names written inside it
 
 
 def owner() -> str:
@@ -60,9 +71,116 @@ class OutputExistsError(FairseqMoEPruneError):
     """An output already exists and ``--force`` was not given."""
 
 
+class OutputPathError(FairseqMoEPruneError):
+    """An output overlaps an input, or its path does not fit the file system's limits."""
+
+
+class NotRegularFileError(FairseqMoEPruneError, OSError):
+    """An input that must be a regular file is a FIFO, a device or a socket (an OSError too, for the readers
+    that report why a file cannot be read)."""
+
+    def __init__(self, path: str):
+        super().__init__(errno.EINVAL, "not a regular file (a FIFO, a device or a socket)", path)
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}"
+
+
+def check_output(out: str, inputs: Iterable[str], force: bool) -> None:
+    """The one check every writing command makes before it creates anything.
+
+    Refuses an output that is, contains or lies inside one of ``inputs`` (every file an input consists of:
+    a checkpoint and its rank files, an HF folder and its shards, statistics and calibration files), symbolic
+    links resolved, even with ``force``; a path longer than the file system allows; and an existing output
+    without ``force``.
+    """
+    check_path_fits(out)
+    output = os.path.realpath(out)
+    for path in inputs:
+        source = os.path.realpath(path)
+        if os.path.commonpath([source, output]) in (source, output) or same_file(source, output):
+            raise OutputPathError(f"{out} and the input {path} overlap (inputs are never modified)")
+    refuse_existing(out, force)
+
+
+def input_files(path: str) -> List[str]:
+    """``path``, and where it is a folder (an HF model, calibration samples) every entry in it: a symbolic link
+    there may point elsewhere (Hugging Face's cache links to its blobs), which :func:`check_output` resolves."""
+    if not os.path.isdir(path):
+        return [path]
+    return [path, *(os.path.join(path, name) for name in sorted(os.listdir(path)))]
+
+
+def same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_path_fits(out: str) -> None:
+    """Every name in the output's path fits NAME_MAX, and the path leaves room for the names inside it."""
+    encoded = os.fsencode(os.path.abspath(out))
+    longest = max(len(part) for part in encoded.split(b"/"))
+    if longest > NAME_MAX:
+        raise OutputPathError(f"a name in the output path is {longest} bytes long; a file name has at most {NAME_MAX}")
+    if len(encoded) > PATH_MAX - INNER_NAMES:
+        raise OutputPathError(f"the output path is {len(encoded)} bytes long; at most {PATH_MAX - INNER_NAMES} "
+                              "leave room for the files written inside it")
+
+
+def is_plain_name(name: str) -> bool:
+    """A file name and nothing else: no folder, no ``..``, nothing absolute, and not too long."""
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\\0") and \
+        len(os.fsencode(name)) <= NAME_MAX
+
+
+def is_regular_file(path: str) -> bool:
+    """``path`` is a regular file (or a symbolic link to one); found by ``stat``, nothing is opened."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def open_regular(path: str) -> IO[str]:
+    """Open a text file for reading, refusing anything but a regular file without waiting (a FIFO would block)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        check_regular(os.fstat(fd).st_mode, path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, encoding="utf-8")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def regular_files(folder: str, suffix: str) -> List[str]:
+    """The names of ``folder``'s files ending in ``suffix`` (hidden ones left out), in order; any of them that
+    is not a regular file (a FIFO, a device, a folder) is refused rather than opened."""
+    names = sorted(name for name in os.listdir(folder) if name.endswith(suffix) and not name.startswith("."))
+    for name in names:
+        require_regular_file(os.path.join(folder, name))
+    return names
+
+
+def require_regular_file(path: str) -> str:
+    """``path``, if it is a regular file (found by ``stat``: nothing is opened); an OSError that says what it
+    is otherwise (missing, a folder, a FIFO, a device)."""
+    check_regular(os.stat(path).st_mode, path)
+    return path
+
+
+def check_regular(mode: int, path: str) -> None:
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    if not stat.S_ISREG(mode):
+        raise NotRegularFileError(path)
+
+
 def refuse_existing(path: str, force: bool) -> None:
     """An existing output is replaced only with ``force``; without it, a one-line error."""
-    if os.path.exists(path) and not force:
+    if os.path.lexists(path) and not force:
         raise OutputExistsError(f"{path} exists (use --force to replace it)")
 
 
@@ -90,21 +208,36 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
     make_folder(directory)
     remove_leftovers(directory)
     tmp = None
+    tag = name_tag(path)
     try:
         with signals_held():  # a signal waits until the file has a name to remove
-            handle, tmp = tempfile.mkstemp(dir=directory, prefix=f".tmp-{owner()}-", suffix=os.path.basename(path))
+            handle, tmp = tempfile.mkstemp(dir=directory, prefix=f".tmp-{owner()}-", suffix=tag)
         with os.fdopen(handle, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         # see own_entries: a signal may have left mkstemp before it returned the name
-        for leftover in [tmp] if tmp is not None else own_entries(directory, ".tmp-", os.path.basename(path)):
+        for leftover in [tmp] if tmp is not None else own_entries(directory, ".tmp-", tag):
             if os.path.exists(leftover):
                 os.unlink(leftover)
+        if isinstance(error, OSError) and tmp is not None:
+            raise named_as(error, tmp, path) from None
         raise
+
+
+def name_tag(path: str) -> str:
+    """What a temporary file's name carries of its output's: a short hash (a long name would not fit)."""
+    return "-" + hashlib.sha256(os.fsencode(os.path.basename(path))).hexdigest()[:8]
+
+
+def named_as(error: OSError, temporary: str, final: str) -> OSError:
+    """``error`` with the temporary file or folder it names replaced by the output it stands for."""
+    if temporary not in (error.filename, error.filename2):
+        return error
+    return OSError(error.errno, error.strerror, final)
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -206,3 +339,56 @@ def write_pending_at_exit() -> None:
             with contextlib.suppress(Exception):
                 stream.flush()
         os._exit(1)
+
+
+def remove_entry(path: str) -> None:
+    """Remove a file, a symbolic link (never what it points to) or a folder with its contents."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def publish_directory(staging: str, out: str, force: bool) -> None:
+    """Move a finished staging folder to ``out``; an existing ``out`` (a folder, a file or a symbolic link) is
+    replaced only with ``force``."""
+    if os.path.lexists(out):
+        refuse_existing(out, force)
+        trash = staging + "-old"
+        with signals_held():  # never stop between taking the old output away and putting the new one there
+            os.replace(out, trash)
+            try:
+                os.replace(staging, out)
+            except OSError:
+                os.replace(trash, out)  # the old output back where it was
+                raise
+        remove_entry(trash)
+    else:
+        os.replace(staging, out)
+
+
+@contextlib.contextmanager
+def staged_directory(out: str, force: bool) -> Iterator[str]:
+    """A staging folder beside ``out``: it becomes ``out`` when the block succeeds and vanishes when it fails.
+
+    Its name says whose it is (:func:`owner`), so the leftovers of a killed run are removed by the next.
+    """
+    parent = os.path.dirname(os.path.abspath(out))
+    make_folder(parent)
+    remove_leftovers(parent)
+    staging = None
+    try:
+        with signals_held():  # a signal waits until the folder has a name to remove
+            staging = tempfile.mkdtemp(dir=parent, prefix=f".staging-{owner()}-")
+        os.chmod(staging, 0o777 & ~umask())  # mkdtemp makes 0700
+        yield staging
+        publish_directory(staging, out, force)
+    except BaseException as error:
+        # A stop signal can reach another thread (torch's) while this one is blocking it, and its handler
+        # then runs inside mkdtemp, before the name is returned: such a folder is still this process's own.
+        for leftover in [staging] if staging is not None else own_entries(parent, ".staging-"):
+            if os.path.lexists(leftover):
+                remove_entry(leftover)
+        if isinstance(error, OSError) and staging is not None:
+            raise named_as(error, staging, out) from None
+        raise

@@ -18,17 +18,10 @@ from tqdm import tqdm
 from fairseq_moe_prune import calibration as calibration_lib
 from fairseq_moe_prune import reconstruction
 from fairseq_moe_prune import stats as stats_lib
-from fairseq_moe_prune.checkpoints.layouts import MoECheckpoint, open_checkpoint
+from fairseq_moe_prune.checkpoints.layouts import MoECheckpoint, checkpoint_files, open_checkpoint
 from fairseq_moe_prune.checkpoints.streaming import materialize
-from fairseq_moe_prune.checkpoints.surgery import (
-    CheckpointView,
-    check_output,
-    prune_checkpoint,
-    save_sharded,
-    save_single,
-    staged_directory,
-)
-from fairseq_moe_prune.files import write_atomic
+from fairseq_moe_prune.checkpoints.surgery import CheckpointView, prune_checkpoint, save_sharded, save_single
+from fairseq_moe_prune.files import check_output, input_files, open_regular, staged_directory, write_atomic
 from fairseq_moe_prune.fingerprint import weights_fingerprint
 from fairseq_moe_prune.models.layout import MoELayerSpec, config_value
 from fairseq_moe_prune.models.task_routing import check_skipping
@@ -205,7 +198,7 @@ def read_experts_json(path: str, specs: List[MoELayerSpec]) -> Dict[str, Choice]
     """An experts.json: ``{language: [global expert ids]}``, every name and id checked."""
     per_layer = uniform_count(specs)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open_regular(path) as f:  # a FIFO is refused, not waited on
             data = json.load(f)
     except (OSError, ValueError, RecursionError) as error:
         raise SelectionError(f"{path}: cannot read experts.json ({error})") from None
@@ -260,10 +253,10 @@ def prune(checkpoint_path: str, out_dir: str, options: PruneOptions, stats_path:
           calibration_path: Optional[str] = None) -> Dict[str, object]:
     """Write one pruned checkpoint per target into ``out_dir`` (created whole, or not at all)."""
     check_request(options, stats_path, experts_json_in, calibration_path)
-    inputs = [checkpoint_path, *(path for path in (stats_path, experts_json_in, calibration_path) if path)]
+    inputs = [*checkpoint_files(checkpoint_path),
+              *(file for path in (stats_path, experts_json_in, calibration_path) if path for file in input_files(path))]
     check_output(out_dir, inputs, force)
     checkpoint = open_checkpoint(checkpoint_path)
-    check_output(out_dir, checkpoint.ranks or [], force)
     stats = stats_lib.load(stats_path) if stats_path else None
     fingerprint = checkpoint_fingerprint(checkpoint) if stats_path or calibration_path else None
     if stats is not None:

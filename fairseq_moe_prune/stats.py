@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from fairseq_moe_prune.errors import FairseqMoEPruneError
-from fairseq_moe_prune.files import refuse_existing, write_atomic
+from fairseq_moe_prune.files import check_output, open_regular, write_atomic
 from fairseq_moe_prune.models.layout import PREFIX_PATTERN, MoELayerSpec
 
 FORMAT = "fairseq-moe-prune/stats"
@@ -326,7 +326,7 @@ def save(stats: MoEStats, path: str) -> None:
 
 def load(path: str) -> MoEStats:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open_regular(path) as f:  # a FIFO is refused, not waited on
             data = json.load(f)
     except FileNotFoundError:
         raise StatsError(f"{path}: no such statistics file") from None
@@ -377,12 +377,9 @@ def merge(all_stats: Iterable[MoEStats], names: Optional[Sequence[str]] = None) 
 
 def merge_files(out: str, inputs: Sequence[str], force: bool = False) -> MoEStats:
     """``stats merge``: add up the files ``inputs`` into ``out``; never writes over one of the inputs."""
-    for path in inputs:
-        if os.path.exists(out) and os.path.exists(path) and os.path.samefile(out, path):
-            raise StatsError(f"{out} is also one of the inputs (inputs are never overwritten)")
     if os.path.isdir(out):
         raise StatsError(f"{out} is a folder; name the statistics file to write")
-    refuse_existing(out, force)
+    check_output(out, inputs, force)
     merged = merge([load(path) for path in inputs], inputs)
     save(merged, out)
     return merged

@@ -109,7 +109,7 @@ CASES = {
     "out exists": (prune("--stats", "{in}/stats.json", "--keep", "4", "--out", "{in}/a-folder"), "exists (use --force"),
     "out under a file": (prune("--stats", "{in}/stats.json", "--keep", "4", "--ratio", "1:1", "--out", "{in}/a-file/pruned"), "Not a directory"),
     "out on a read-only file system": (prune("--stats", "{in}/stats.json", "--keep", "4", "--ratio", "1:1", "--out", "/proc/fmp-test/out"), "/proc/"),
-    "merge into an input": (["stats", "merge", "{in}/stats.json", "{in}/stats.json", "--force"], "is also one of the inputs"),
+    "merge into an input": (["stats", "merge", "{in}/stats.json", "{in}/stats.json", "--force"], "overlap"),
     "merge one run twice": (["stats", "merge", "{out}/m.json", "{in}/stats.json", "{in}/stats.json"], "merging it twice"),
     "merge into a folder": (["stats", "merge", "{in}/a-folder", "{in}/stats.json"], "is a folder"),
     "merge a missing file": (["stats", "merge", "{out}/m.json", "{in}/absent.json"], "no such statistics file"),

@@ -99,7 +99,7 @@ def test_merge_refuses_its_output_among_the_inputs_and_one_run_twice(recorded, t
     before = path.read_bytes()
     assert cli.main(["stats", "merge", str(path), str(path), "--force"]) == 1
     assert capsys.readouterr().err.strip() == (
-        f"fairseq-moe-prune: error: {path} is also one of the inputs (inputs are never overwritten)")
+        f"fairseq-moe-prune: error: {path} and the input {path} overlap (inputs are never modified)")
     assert path.read_bytes() == before
 
     (tmp_path / "copy.json").write_bytes(before)

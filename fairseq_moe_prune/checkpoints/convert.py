@@ -13,16 +13,10 @@ from typing import List, Optional
 
 from fairseq_moe_prune.checkpoints import FORMATS
 from fairseq_moe_prune.checkpoints.hf import parse_size, read_hf, write_hf
-from fairseq_moe_prune.checkpoints.layouts import SHARED_SUFFIX, open_checkpoint
+from fairseq_moe_prune.checkpoints.layouts import SHARED_SUFFIX, checkpoint_files, open_checkpoint
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
-from fairseq_moe_prune.checkpoints.surgery import (
-    CheckpointView,
-    check_output,
-    save_sharded,
-    save_single,
-    staged_directory,
-    view_checkpoint,
-)
+from fairseq_moe_prune.checkpoints.surgery import CheckpointView, save_sharded, save_single, view_checkpoint
+from fairseq_moe_prune.files import check_output, input_files, staged_directory
 
 
 def detect_format(path: str) -> str:
@@ -61,7 +55,7 @@ def convert(src: str, out: str, target: str, source_format: Optional[str] = None
                               f"a sharded one is given by its X{SHARED_SUFFIX})")
     if target not in FORMATS:
         raise CheckpointError(f"unknown format {target!r} (one of {', '.join(FORMATS)})")
-    check_output(out, [src], force)
+    check_output(out, input_files(src) if detected == "hf" else checkpoint_files(src), force)
     if target == "hf":
         parse_size(max_shard_size)  # now, not after reading the input
     if target == "single" and os.path.isdir(out):

@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fairseq_moe_prune.checkpoints.layouts import MoECheckpoint, is_expert_key, open_checkpoint
+from fairseq_moe_prune.checkpoints.layouts import MoECheckpoint, checkpoint_files, is_expert_key, open_checkpoint
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
 from fairseq_moe_prune.checkpoints.streaming import Entry, materialize
-from fairseq_moe_prune.checkpoints.surgery import CheckpointView, save_single, staged_directory
-from fairseq_moe_prune.files import atomic_open, refuse_existing
+from fairseq_moe_prune.checkpoints.surgery import CheckpointView, save_single
+from fairseq_moe_prune.files import atomic_open, check_output, staged_directory
 from fairseq_moe_prune.models.layout import MoEConfigError, MoELayerSpec, config_value, gate_layer, skip_betas
 from fairseq_moe_prune.models.task_routing import TaskSpace, routes_by_task, split_pair, task_routing
 from fairseq_moe_prune.moe.gate import task_gating
@@ -320,7 +320,7 @@ def config_gate_options(config: Any) -> GateOptions:
 def extract(checkpoint_path: str, out_dir: str, tasks: List[str], per_layer: bool = False, fp16: bool = False,
             force: bool = False) -> Dict[str, Any]:
     """Write one checkpoint per task (``LANG`` or ``SRC-TGT``) into ``out_dir`` (created whole, or not at all)."""
-    refuse_existing(out_dir, force)
+    check_output(out_dir, checkpoint_files(checkpoint_path), force)
     checkpoint = open_checkpoint(checkpoint_path)
     config = checkpoint.config
     if task_routing(config) == "none":

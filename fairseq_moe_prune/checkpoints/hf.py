@@ -27,7 +27,7 @@ import torch
 
 from fairseq_moe_prune import USER_DIR
 from fairseq_moe_prune.checkpoints.layouts import model_config
-from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
+from fairseq_moe_prune.checkpoints.safe_load import CheckpointError, first_line
 from fairseq_moe_prune.checkpoints.streaming import (
     Entry,
     SafetensorsFile,
@@ -37,7 +37,7 @@ from fairseq_moe_prune.checkpoints.streaming import (
     stored_dtype,
 )
 from fairseq_moe_prune.checkpoints.surgery import CheckpointView
-from fairseq_moe_prune.files import umask
+from fairseq_moe_prune.files import is_plain_name, is_regular_file, open_regular, require_regular_file, umask
 from fairseq_moe_prune.models.layout import (
     EXPERT_WEIGHTS,
     LAYER_PREFIX,
@@ -103,6 +103,7 @@ SPECIAL_IDS = {"bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2, "decoder
 ACTIVATIONS = ("relu", "gelu")
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+MAX_POSITIONS = 1 << 16  # NLLB's is 1024
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -245,6 +246,9 @@ def fairseq_model_values(config: Any) -> Dict[str, Any]:
     hf_values["second_expert_policy"] = config_choice(config, "second_expert_policy", SECOND_EXPERT_POLICIES)
     values = {fairseq: hf_values[hf] for fairseq, hf in CONFIG_TABLE}
     d_model = hf_values["d_model"]
+    positions = config_field(config, "max_position_embeddings", "count")
+    if positions > MAX_POSITIONS:  # fairseq builds a sinusoidal table of this many rows, of d_model floats each
+        raise CheckpointError(f"config.json: max_position_embeddings must be at most {MAX_POSITIONS}, got {positions}")
     values.update(
         decoder_embed_dim=d_model,
         decoder_output_dim=d_model,
@@ -253,8 +257,8 @@ def fairseq_model_values(config: Any) -> Dict[str, Any]:
         decoder_normalize_before=True,
         share_all_embeddings=True,
         no_scale_embedding=not config_field(config, "scale_embedding", "bool"),
-        max_source_positions=config_field(config, "max_position_embeddings", "count"),
-        max_target_positions=config_field(config, "max_position_embeddings", "count"),
+        max_source_positions=positions,
+        max_target_positions=positions,
         encoder_moe_freq=config_field(config, "encoder_sparse_step", "count"),
         decoder_moe_freq=config_field(config, "decoder_sparse_step", "count"),
         moe_expert_count=config_field(config, "num_experts", "count"),
@@ -264,8 +268,9 @@ def fairseq_model_values(config: Any) -> Dict[str, Any]:
     return values
 
 
-def fairseq_state(config: Any) -> Dict[str, Any]:
-    """Everything but the weights of a fairseq checkpoint for this HF model, as ``fairseq-train`` lays it out.
+def fairseq_state(values: Mapping[str, Any]) -> Dict[str, Any]:
+    """Everything but the weights of a fairseq checkpoint for an HF model (its :func:`fairseq_model_values`),
+    as ``fairseq-train`` lays it out.
 
     fairseq's own parser gives every field a stock fairseq expects (architecture ``moe_transformer``,
     task ``translation``) from a fixed command line; the model's values are then set on that config.
@@ -274,7 +279,6 @@ def fairseq_state(config: Any) -> Dict[str, Any]:
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from omegaconf import OmegaConf
 
-    values = fairseq_model_values(config)
     with quiet_hydra():
         parser = options.get_training_parser()
         args = options.parse_args_and_arch(parser, ["", "--task", "translation", "--arch", "moe_transformer",
@@ -311,17 +315,28 @@ def quiet_hydra() -> Iterator[None]:
 
 
 def weight_files(folder: str) -> List[str]:
-    """The safetensors files of an HF model folder: the index's shards, or ``model.safetensors``."""
+    """The safetensors files of an HF model folder: the index's shards, or ``model.safetensors``.
+
+    The index's file names are data: each must be a plain file name, which names a regular file in the
+    folder, or the folder is refused (without naming or opening anything else). A shard may be a symbolic
+    link, as in Hugging Face's cache, whose snapshot folders link to its blobs; the overlap check of every
+    writing command resolves it (see :func:`files.check_output`).
+    """
     index = os.path.join(folder, INDEX_NAME)
-    if os.path.exists(index):
+    if os.path.lexists(index):
         try:
-            with open(index, encoding="utf-8") as f:
-                names = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError) as error:
-            raise CheckpointError(f"{index}: not a safetensors index ({error})") from None
-        return [os.path.join(folder, name) for name in names]
-    if os.path.exists(os.path.join(folder, WEIGHTS_NAME)):
-        return [os.path.join(folder, WEIGHTS_NAME)]
+            with open_regular(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, AttributeError, TypeError, RecursionError) as error:
+            reason = "nested too deeply" if isinstance(error, RecursionError) else first_line(error)
+            raise CheckpointError(f"{index}: not a safetensors index ({reason})") from None
+        if not names or not all(isinstance(name, str) and is_plain_name(name) for name in names):
+            raise CheckpointError(f"{index}: its weight_map names a file that is not a plain file name in "
+                                  f"{folder} (an absolute path, a folder or ..): refused")
+        return [require_regular_file(os.path.join(folder, name)) for name in names]
+    if os.path.lexists(os.path.join(folder, WEIGHTS_NAME)):
+        return [require_regular_file(os.path.join(folder, WEIGHTS_NAME))]
     raise CheckpointError(f"{folder}: no {WEIGHTS_NAME} or {INDEX_NAME} (only safetensors weights are read)")
 
 
@@ -332,13 +347,14 @@ def _natural(key: str) -> List[Any]:
 def read_config(folder: str) -> Any:
     """The ``NllbMoeConfig`` in ``folder``/config.json (values still unchecked: see :func:`fairseq_model_values`)."""
     transformers = transformers_module()
-    if not os.path.isfile(os.path.join(folder, "config.json")):
+    if not is_regular_file(os.path.join(folder, "config.json")):
         raise CheckpointError(f"{folder}: a folder without config.json (neither a Hugging Face model nor a checkpoint)")
     try:
         with quiet_hydra():  # transformers' own warnings too
             return transformers.AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError, TypeError, KeyError) as error:
-        raise CheckpointError(f"{folder}: no readable Hugging Face config.json ({str(error).splitlines()[0][:200]})") from None
+    except (OSError, ValueError, TypeError, KeyError, RecursionError) as error:
+        reason = "nested too deeply" if isinstance(error, RecursionError) else first_line(error)[:200]
+        raise CheckpointError(f"{folder}: no readable Hugging Face config.json ({reason})") from None
 
 
 def describe_hf(folder: str) -> str:
@@ -385,26 +401,53 @@ def read_hf(folder: str) -> CheckpointView:
         model[name] = embedding
     for side in ("encoder", "decoder"):
         model[f"{side}.version"] = torch.tensor([3.0])  # what fairseq's own state dict holds
-    state = fairseq_state(config)
-    _check_complete(model, model_config(state), folder)
-    return CheckpointView(state, model)
+    values = fairseq_model_values(config)
+    check_shapes(model, expected_shapes(values, config_field(config, "vocab_size", "count"), folder), folder)
+    return CheckpointView(fairseq_state(values), model)
 
 
-def _check_complete(model: Mapping[str, Entry], config: Any, folder: str) -> None:
-    """Every MoE layer has its router, with one row per expert, and every expert (a truncated folder fails here)."""
+def expected_shapes(values: Mapping[str, Any], vocab: int, folder: str) -> Dict[str, Tuple[int, ...]]:
+    """Every weight of the fairseq model ``values`` (from :func:`fairseq_model_values`) describes, with its shape."""
     try:
-        specs = moe_layers(config)
+        moe = {(spec.side, spec.layer): spec for spec in moe_layers(values)}
     except MoEConfigError as error:
         raise CheckpointError(f"{folder}: {error}") from None
-    for spec in specs:
-        gate = model.get(spec.gate_key)
-        if gate is None or gate.shape[0] != spec.num_experts:
-            raise CheckpointError(f"{folder}: {rename(spec.gate_key, 'hf')} is missing or does "
-                                  f"not have one row for each of the {spec.num_experts} experts")
-        for expert in range(spec.num_experts):
-            for name in EXPERT_WEIGHTS:
-                if spec.expert_key(expert, name) not in model:
-                    raise CheckpointError(f"{folder}: missing {rename(spec.expert_key(expert, name), 'hf')}")
+    dim = values["encoder_embed_dim"]
+    square, vector = (dim, dim), (dim,)
+    shapes: Dict[str, Tuple[int, ...]] = {name: (vocab, dim) for name in ("encoder.embed_tokens.weight", *FAIRSEQ_TIED)}
+    for side in ("encoder", "decoder"):
+        shapes.update({f"{side}.version": (1,), f"{side}.layer_norm.weight": vector, f"{side}.layer_norm.bias": vector})
+        ffn = values[f"{side}_ffn_embed_dim"]
+        fc = {"fc1.weight": (ffn, dim), "fc1.bias": (ffn,), "fc2.weight": (dim, ffn), "fc2.bias": vector}
+        attentions = ("self_attn", "encoder_attn") if side == "decoder" else ("self_attn",)
+        for layer in range(values[f"{side}_layers"]):
+            head = f"{side}.layers.{layer}."
+            for attention in attentions:
+                for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
+                    shapes.update({f"{head}{attention}.{proj}.weight": square, f"{head}{attention}.{proj}.bias": vector})
+                shapes.update({f"{head}{attention}_layer_norm.weight": vector, f"{head}{attention}_layer_norm.bias": vector})
+            shapes.update({f"{head}final_layer_norm.weight": vector, f"{head}final_layer_norm.bias": vector})
+            spec = moe.get((side, layer))
+            if spec is None:
+                shapes.update({head + name: shape for name, shape in fc.items()})
+                continue
+            shapes[spec.gate_key] = (spec.num_experts, dim)
+            shapes.update({spec.expert_key(expert, name): fc[name] for expert in range(spec.num_experts)
+                           for name in EXPERT_WEIGHTS})
+    return shapes
+
+
+def check_shapes(model: Mapping[str, Entry], shapes: Mapping[str, Tuple[int, ...]], folder: str) -> None:
+    """The weights are exactly those config.json describes, each of its shape (fairseq would refuse them later)."""
+    for key, shape in shapes.items():
+        if key not in model:
+            raise CheckpointError(f"{folder}: missing {rename(key, 'hf') or key} (config.json describes it)")
+        if tuple(model[key].shape) != shape:
+            raise CheckpointError(f"{folder}: {rename(key, 'hf') or key} has shape {tuple(model[key].shape)}, "
+                                  f"but config.json describes {shape}")
+    extra = sorted(set(model) - set(shapes), key=_natural)
+    if extra:
+        raise CheckpointError(f"{folder}: {rename(extra[0], 'hf')} is a weight config.json does not describe")
 
 
 def parse_size(text: str) -> int:
@@ -435,6 +478,7 @@ def write_hf(checkpoint: CheckpointView, folder: str, fp16: bool = False, max_sh
 
     One shard is in memory at a time.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     dtype = torch.float16 if fp16 else None
@@ -458,7 +502,10 @@ def write_hf(checkpoint: CheckpointView, folder: str, fp16: bool = False, max_sh
     total = 0
     for name, keys in zip(names, shards):
         tensors = {key: cast_to_store(tensor, dtype) for key, tensor in materialize({k: model[k] for k in keys}, checkpoint.records).items()}
-        save_file(tensors, os.path.join(folder, name), metadata={"format": "pt"})
+        try:
+            save_file(tensors, os.path.join(folder, name), metadata={"format": "pt"})
+        except SafetensorError as error:  # a full disk, say: safetensors reports the OSError as its own error
+            raise CheckpointError(f"cannot write {name} ({first_line(error)})") from None
         os.chmod(os.path.join(folder, name), 0o666 & ~umask())  # safetensors makes 0600; the usual permissions
         weight_map.update((key, name) for key in keys)
         total += sum(t.numel() * t.element_size() for t in tensors.values())

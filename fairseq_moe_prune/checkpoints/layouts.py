@@ -43,12 +43,26 @@ def is_expert_key(key: str) -> bool:
     return split_expert_key(key) is not None
 
 
-def rank_paths(shared_path: str) -> List[str]:
-    """``X-rank-0.pt`` ... ``X-rank-{N-1}.pt`` beside ``X-shared.pt``; a gap is an error."""
+def rank_files(shared_path: str) -> List[Tuple[int, str]]:
+    """(N, path) of every ``X-rank-N.pt`` beside ``X-shared.pt``, in order of N."""
     base = shared_path[: -len(SHARED_SUFFIX)]
     directory = os.path.dirname(os.path.abspath(base))
     pattern = re.compile(re.escape(os.path.basename(base)) + r"-rank-(\d+)\.pt$")
-    ranks = sorted(int(m.group(1)) for m in map(pattern.match, os.listdir(directory)) if m)
+    return sorted((int(m.group(1)), os.path.join(os.path.dirname(base), m.group(0)))
+                  for m in map(pattern.match, os.listdir(directory)) if m)
+
+
+def checkpoint_files(path: str) -> List[str]:
+    """Every file a checkpoint consists of: the file, and beside an ``X-shared.pt`` each ``X-rank-N.pt``."""
+    if not path.endswith(SHARED_SUFFIX) or not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        return [path]
+    return [path, *(rank_path for _, rank_path in rank_files(path))]
+
+
+def rank_paths(shared_path: str) -> List[str]:
+    """``X-rank-0.pt`` ... ``X-rank-{N-1}.pt`` beside ``X-shared.pt``; a gap is an error."""
+    base = shared_path[: -len(SHARED_SUFFIX)]
+    ranks = [rank for rank, _ in rank_files(shared_path)]
     if not ranks:
         raise CheckpointError(f"{shared_path}: no {os.path.basename(base)}-rank-N.pt files beside it")
     missing = sorted(set(range(ranks[-1] + 1)) - set(ranks))

@@ -20,15 +20,27 @@ import io
 import os
 import pickle
 import re
-import struct
 import sys
-import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import IO, Any, Dict, Tuple
 
 import torch
 
-from fairseq_moe_prune.checkpoints.safe_load import CheckpointError, check_names, first_line, pickle_globals
+from fairseq_moe_prune.checkpoints.safe_load import (
+    CheckpointError,
+    check_names,
+    check_nesting,
+    first_line,
+    pickle_globals,
+)
+from fairseq_moe_prune.checkpoints.zip_records import (
+    STORED,
+    ZipRecord,
+    ZipRecordsError,
+    data_offset,
+    read_directory,
+    read_record,
+)
 
 # the typed storage classes torch pickles as each storage's type, by name; only their dtype is used
 STORAGE_DTYPES: Dict[str, torch.dtype] = {
@@ -57,13 +69,29 @@ class LoadedNamespace(argparse.Namespace):
         self.__class__ = argparse.Namespace
 
 
+class Unbuildable:
+    """A record the unpickler makes whose fields no pickle may set.
+
+    ``frozen=True`` guards ``setattr`` only: the C unpickler's BUILD writes a state straight into the
+    ``__dict__`` of an object without ``__setstate__``. Here ``__setstate__`` refuses, and ``__reduce__``
+    rebuilds a record from its fields (copying or pickling one never needs a state).
+    """
+
+    def __setstate__(self, state: Any) -> None:
+        raise CheckpointError("refusing to load: its pickle sets the fields of a tensor or storage description "
+                              "(BUILD), which no checkpoint torch writes does")
+
+    def __reduce__(self) -> Tuple[Any, Tuple[Any, ...]]:
+        return type(self), tuple(getattr(self, field.name) for field in fields(self))
+
+
 @dataclass(frozen=True)
-class StorageType:
+class StorageType(Unbuildable):
     dtype: torch.dtype
 
 
 @dataclass(frozen=True)
-class StorageRecord:
+class StorageRecord(Unbuildable):
     """One storage: the zip record ``data/<key>`` holding ``numel`` elements of ``dtype``."""
 
     key: str
@@ -72,7 +100,7 @@ class StorageRecord:
 
 
 @dataclass(frozen=True)
-class TensorRecord:
+class TensorRecord(Unbuildable):
     """A tensor as its pickle describes it, with no bytes read."""
 
     storage: StorageRecord
@@ -147,11 +175,11 @@ class StructureUnpickler(pickle.Unpickler):
 class MappedUnpickler(StructureUnpickler):
     """Tensors as ``torch.load(mmap=True)`` makes them: views of the file, memory-mapped once, at their records."""
 
-    def __init__(self, data: bytes, path: str, fd: int, prefix: str, records: Dict[str, zipfile.ZipInfo], size: int):
+    def __init__(self, data: bytes, path: str, fd: int, prefix: str, records: Dict[str, ZipRecord], size: int):
         super().__init__(data)
         self.fd, self.prefix, self.records, self.size = fd, prefix, records, size
         self.base = torch.UntypedStorage.from_file(path, False, size)  # private: the input is never written
-        self.views: Dict[str, Tuple[torch.UntypedStorage, zipfile.ZipInfo]] = {}
+        self.views: Dict[str, Tuple[torch.UntypedStorage, ZipRecord]] = {}
 
     def rebuild_tensor(self, *args: Any) -> torch.Tensor:
         record = super().rebuild_tensor(*args)
@@ -176,79 +204,68 @@ class CheckpointIndex:
     path: str
     state: Any
     prefix: str  # the folder of the records inside the zip, "archive/" or the like
-    records: Dict[str, zipfile.ZipInfo]  # every zip record by name
+    records: Dict[str, ZipRecord]  # every zip record by name
     version: Tuple[int, int]  # the file's (size, mtime) when read
 
-    def record(self, tensor: TensorRecord) -> zipfile.ZipInfo:
+    def record(self, tensor: TensorRecord) -> ZipRecord:
         return stored_record(self.records, self.prefix, tensor.storage, self.version[0])
 
 
-def stored_record(records: Dict[str, zipfile.ZipInfo], prefix: str, storage: StorageRecord,
-                  file_size: int) -> zipfile.ZipInfo:
+def stored_record(records: Dict[str, ZipRecord], prefix: str, storage: StorageRecord, file_size: int) -> ZipRecord:
     """The zip record of a storage, stored uncompressed, of the storage's size and inside the file."""
     info = records.get(f"{prefix}data/{storage.key}")
     nbytes = storage.numel * storage.dtype.itemsize
-    if info is None or info.compress_type != zipfile.ZIP_STORED or info.file_size != nbytes \
+    if info is None or info.compress_type != STORED or info.file_size != nbytes \
             or info.header_offset + nbytes > file_size:
         raise Unsupported(f"storage {storage.key} has no stored record of {nbytes} bytes")
     return info
 
 
-def data_offset(fd: int, info: zipfile.ZipInfo) -> int:
-    """Where a stored record's bytes start: after its local header, whose name and extra field it gives."""
-    header = os.pread(fd, 30, info.header_offset)
-    if len(header) != 30 or header[:4] != b"PK\x03\x04":
-        raise CheckpointError(f"record {info.filename} has no local header (truncated or corrupt?)")
-    name_length, extra_length = struct.unpack("<HH", header[26:30])
-    return info.header_offset + 30 + name_length + extra_length
-
-
-def read_pickle(path: str, f: IO[bytes]) -> Tuple[bytes, str, Dict[str, zipfile.ZipInfo]]:
+def read_pickle(path: str, f: IO[bytes]) -> Tuple[bytes, str, Dict[str, ZipRecord]]:
     """The checked pickle of the zip checkpoint open as ``f``, its records' folder and its records.
 
-    The checks are :func:`safe_load.check_checkpoint`'s: an unreadable file is a :class:`CheckpointError`, a
-    pickle naming anything off the allowlist an :class:`~safe_load.UnsafeCheckpointError`.
+    The records are read where torch's reader finds them (:mod:`zip_records`). The checks are
+    :func:`safe_load.check_checkpoint`'s: an unreadable file is a :class:`CheckpointError`, a pickle naming
+    anything off the allowlist an :class:`~safe_load.UnsafeCheckpointError`.
     """
     if sys.byteorder != "little":
         raise Unsupported("a big-endian machine")
     if f.read(4) != b"PK\x03\x04":
         raise Unsupported("not a zip checkpoint")
-    f.seek(0)
+    fd = f.fileno()
     try:
-        with zipfile.ZipFile(f) as archive:
-            records = {info.filename: info for info in archive.infolist()}
-            if min((info.header_offset for info in records.values()), default=0) != 0:
-                raise Unsupported("bytes before the first record")  # zipfile would skip them, torch does not
-            pickles = [name for name in records if name.endswith(".pkl")]
-            if len(pickles) != 1 or not pickles[0].endswith("/data.pkl") or pickles[0].count("/") != 1:
-                raise Unsupported("other pickles than data.pkl")  # TorchScript, or odd: safe_load decides
-            prefix = pickles[0][: -len("data.pkl")]
-            if f"{prefix}byteorder" in records and archive.read(f"{prefix}byteorder").strip() != b"little":
-                raise Unsupported("a big-endian checkpoint")
-            if records[pickles[0]].compress_type != zipfile.ZIP_STORED:
-                raise Unsupported("a compressed pickle")
-            data = archive.read(pickles[0])  # its CRC-32 is checked
-    except (ValueError, EOFError, OSError, zipfile.BadZipFile, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({first_line(error)})") \
-            from None
-    try:
+        records = read_directory(fd)
+        if min((info.header_offset for info in records.values()), default=0) != 0:
+            raise Unsupported("bytes before the first record")
+        pickles = [name for name in records if name.lower().endswith(".pkl")]
+        if len(pickles) != 1 or not pickles[0].endswith("/data.pkl") or pickles[0].count("/") != 1:
+            raise Unsupported("other pickles than data.pkl")  # TorchScript, or odd: safe_load decides
+        prefix = pickles[0][: -len("data.pkl")]
+        if f"{prefix}byteorder" in records and read_record(fd, records[f"{prefix}byteorder"]).strip() != b"little":
+            raise Unsupported("a big-endian checkpoint")
+        if records[pickles[0]].compress_type != STORED:
+            raise Unsupported("a compressed pickle")
+        data = read_record(fd, records[pickles[0]])  # its CRC-32 is checked
         names = pickle_globals(io.BytesIO(data))
-    except (ValueError, EOFError, UnicodeDecodeError) as error:
+    except (ValueError, EOFError, OSError, UnicodeDecodeError, ZipRecordsError) as error:
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({first_line(error)})") \
             from None
     check_names(path, names)
     return data, prefix, records
 
 
-def unpickle(unpickler: StructureUnpickler) -> Any:
+def unpickle(unpickler: StructureUnpickler, path: str) -> Any:
     try:
         state = unpickler.load()
         plain_namespaces(state)
-        return state
     except Unsupported:
         raise
+    except CheckpointError as error:  # a forged record (see Unbuildable)
+        raise CheckpointError(f"{path}: {error}") from None
     except Exception as error:  # the scan accepted it, yet the C unpickler cannot read it: let torch say why
         raise Unsupported(first_line(error)) from None
+    check_nesting(state, path)
+    return state
 
 
 def read_index(path: str) -> CheckpointIndex:
@@ -258,11 +275,11 @@ def read_index(path: str) -> CheckpointIndex:
     with open(path, "rb") as f:
         stat = os.fstat(f.fileno())
         data, prefix, records = read_pickle(path, f)
-    state = unpickle(StructureUnpickler(data))
+    state = unpickle(StructureUnpickler(data), path)
     return CheckpointIndex(path, state, prefix, records, (stat.st_size, stat.st_mtime_ns))
 
 
-def read_mapped(path: str) -> Tuple[Any, Dict[str, Tuple[torch.UntypedStorage, zipfile.ZipInfo]], Tuple[int, int]]:
+def read_mapped(path: str) -> Tuple[Any, Dict[str, Tuple[torch.UntypedStorage, ZipRecord]], Tuple[int, int]]:
     """A checkpoint as ``torch.load(path, mmap=True, weights_only=True)`` loads it; with each storage's record
     and the file's (size, mtime). :class:`Unsupported` where torch must read it instead."""
     if not os.path.isfile(path):
@@ -271,7 +288,7 @@ def read_mapped(path: str) -> Tuple[Any, Dict[str, Tuple[torch.UntypedStorage, z
         stat = os.fstat(f.fileno())
         data, prefix, records = read_pickle(path, f)
         unpickler = MappedUnpickler(data, path, f.fileno(), prefix, records, stat.st_size)
-        state = unpickle(unpickler)
+        state = unpickle(unpickler, path)
     return state, unpickler.views, (stat.st_size, stat.st_mtime_ns)
 
 

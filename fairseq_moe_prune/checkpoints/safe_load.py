@@ -27,6 +27,7 @@ from typing import IO, Any, Callable, Dict, List, Optional, Set
 # torch is imported inside the functions that use it: the console script's stats commands import
 # this module for CheckpointError alone and need no torch.
 
+from fairseq_moe_prune.checkpoints.zip_records import ZipRecordsError, read_directory, read_record
 from fairseq_moe_prune.errors import FairseqMoEPruneError
 
 # Every class a checkpoint may name besides torch's own tensors and containers.
@@ -115,20 +116,22 @@ LEGACY_PICKLES = 5  # magic number, protocol version, system info, the checkpoin
 
 
 def names_in_checkpoint(path: str) -> Set[str]:
-    """Every global the pickles of a torch checkpoint (zip or legacy format) name."""
+    """Every global the pickles of a torch checkpoint (zip or legacy format) name.
+
+    A zip checkpoint's pickles are read where torch's reader finds them (:mod:`zip_records`), not where
+    Python's zipfile would: the scan sees exactly the bytes torch unpickles.
+    """
     with open(path, "rb") as f:
         is_zip = f.read(4) == b"PK\x03\x04"  # torch's own test of the format
-    if is_zip:
-        names: Set[str] = set()
-        with zipfile.ZipFile(path) as archive:
-            infos = archive.infolist()
-            if any(info.filename.endswith("constants.pkl") for info in infos):  # torch.jit.load's, not pickle's
-                names.add("<a TorchScript archive>")
-            for info in infos:
-                if info.filename.endswith(".pkl"):
-                    with archive.open(info) as record:  # buffered: the scan reads an opcode at a time
-                        names |= pickle_globals(io.BufferedReader(record, 1 << 16))
-        return names
+        if is_zip:
+            names: Set[str] = set()
+            records = read_directory(f.fileno())
+            pickles = [record for name, record in records.items() if name.lower().endswith(".pkl")]
+            if any(record.filename.lower().endswith("constants.pkl") for record in pickles):
+                names.add("<a TorchScript archive>")  # torch.jit.load's, not pickle's
+            for record in pickles:
+                names |= pickle_globals(io.BytesIO(read_record(f.fileno(), record)))
+            return names
     if tarfile.is_tarfile(path):
         return {"<the pre-0.4 tar checkpoint format>"}
     names = set()
@@ -145,7 +148,7 @@ def unsafe_globals(path: str) -> List[str]:
     """
     try:
         names = names_in_checkpoint(path)
-    except (ValueError, EOFError, OSError, zipfile.BadZipFile, UnicodeDecodeError) as error:
+    except (ValueError, EOFError, OSError, UnicodeDecodeError, ZipRecordsError) as error:
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({first_line(error)})") from None
     return sorted(names - allowed_globals())
 
@@ -155,6 +158,30 @@ def check_checkpoint(path: str) -> None:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     check_names(path, unsafe_globals(path))
+
+
+MAX_NESTING = 100  # containers within containers: a fairseq state has fewer than 10; pickling recurses per level
+
+
+def check_nesting(state: Any, path: str) -> None:
+    """Refuse a loaded state nested deeper than :data:`MAX_NESTING` (writing it again, or walking it, would
+    exhaust Python's recursion limit); the walk itself is iterative."""
+    stack = [(state, 0)]
+    seen: Set[int] = set()
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise CheckpointError(f"{path}: not a fairseq checkpoint (its contents are nested more than "
+                                  f"{MAX_NESTING} deep)")
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, dict):
+            stack.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            stack.extend((item, depth + 1) for item in value)
+        elif isinstance(value, argparse.Namespace):
+            stack.extend((item, depth + 1) for item in vars(value).values())
 
 
 def check_names(path: str, names: Set[str]) -> None:
@@ -178,8 +205,11 @@ def load_checkpoint(path: str, mmap: bool = True, meta: bool = False) -> Dict[st
     check_checkpoint(path)
     try:
         if meta:
-            return torch.load(path, map_location="meta", weights_only=True)
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            state = torch.load(path, map_location="meta", weights_only=True)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        check_nesting(state, path)
+        return state
     except pickle.UnpicklingError as error:
         raise UnsafeCheckpointError(f"{path}: refusing to load: {refusal_reason(error)}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:

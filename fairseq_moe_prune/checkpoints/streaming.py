@@ -34,6 +34,7 @@ from torch import Tensor
 from fairseq_moe_prune.checkpoints import pickle_index
 from fairseq_moe_prune.checkpoints.pickle_index import TensorRecord, Unsupported
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError, load_checkpoint
+from fairseq_moe_prune.checkpoints.zip_records import data_offset
 from fairseq_moe_prune.files import atomic_open
 
 
@@ -312,7 +313,7 @@ class CheckpointRecords(Mapping[str, Tensor]):
                     info = self.index.record(meta)
                 except Unsupported:
                     continue
-                header = 30 + len(info.orig_filename.encode()) + HEADER_EXTRA
+                header = 30 + len(info.filename.encode()) + HEADER_EXTRA
                 os.posix_fadvise(self.fd, info.header_offset, header + info.file_size, os.POSIX_FADV_WILLNEED)
 
     def read_record(self, key: str, meta: TensorRecord) -> Tensor:
@@ -325,7 +326,7 @@ class CheckpointRecords(Mapping[str, Tensor]):
             if self.mapped is None:
                 self.mapped = CheckpointSource(self.path)
             return self.mapped[key]
-        tensor = self.read_checked(key, meta.shape, meta.dtype, info, pickle_index.data_offset(self.fd, info),
+        tensor = self.read_checked(key, meta.shape, meta.dtype, info, data_offset(self.fd, info),
                                    self.index.version)
         self.crcs[key] = info.CRC
         return tensor

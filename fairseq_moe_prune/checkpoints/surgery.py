@@ -7,28 +7,15 @@ exactly their rows in that order, so the softmax and top-2 run over the kept exp
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping
+from typing import Any, Dict, List, Mapping
 
 import torch
 
 from fairseq_moe_prune.checkpoints.layouts import SHARED_SUFFIX, MoECheckpoint, is_expert_key
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
 from fairseq_moe_prune.checkpoints.streaming import Entry, RecordCRCs, check_crc, save_streaming
-from fairseq_moe_prune.files import (
-    make_folder,
-    own_entries,
-    owner,
-    refuse_existing,
-    remove_leftovers,
-    signals_held,
-    umask,
-)
 from fairseq_moe_prune.models.layout import MoELayerSpec, expert_key, format_counts, gate_layer, split_expert_key
 
 
@@ -136,52 +123,3 @@ def save_sharded(pruned: CheckpointView, shared_path: str, fp16: bool = False) -
     for rank, path in zip(sorted(ranks), paths[1:]):
         save_streaming({}, ranks[rank], path, dtype, pruned.records)
     return paths
-
-
-def check_output(out: str, inputs: List[str], force: bool) -> None:
-    """Refuse an output that is, contains or lies inside one of the ``inputs``, even with ``force``
-    (inputs are never modified), and an existing output without ``force``."""
-    output = os.path.realpath(out)
-    for path in inputs:
-        source = os.path.realpath(path)
-        if os.path.commonpath([source, output]) in (source, output):
-            raise CheckpointError(f"{out} and the input {path} overlap (inputs are never modified)")
-    refuse_existing(out, force)
-
-
-def publish_directory(staging: str, out: str, force: bool) -> None:
-    """Move a finished staging folder to ``out``; an existing ``out`` is replaced only with ``force``."""
-    if os.path.exists(out):
-        refuse_existing(out, force)
-        trash = staging + "-old"
-        with signals_held():  # never stop between taking the old output away and putting the new one there
-            os.replace(out, trash)
-            os.replace(staging, out)
-        shutil.rmtree(trash)
-    else:
-        os.replace(staging, out)
-
-
-@contextlib.contextmanager
-def staged_directory(out: str, force: bool) -> Iterator[str]:
-    """A staging folder beside ``out``: it becomes ``out`` when the block succeeds and vanishes when it fails.
-
-    Its name says whose it is (files.owner), so the leftovers of a killed run are removed by the next.
-    """
-    parent = os.path.dirname(os.path.abspath(out))
-    make_folder(parent)
-    remove_leftovers(parent)
-    staging = None
-    try:
-        with signals_held():  # a signal waits until the folder has a name to remove
-            staging = tempfile.mkdtemp(dir=parent, prefix=f".staging-{owner()}-")
-        os.chmod(staging, 0o777 & ~umask())  # mkdtemp makes 0700
-        yield staging
-        publish_directory(staging, out, force)
-    except BaseException:
-        # A stop signal can reach another thread (torch's) while this one is blocking it, and its handler
-        # then runs inside mkdtemp, before the name is returned: such a folder is still this process's own.
-        for leftover in [staging] if staging is not None else own_entries(parent, ".staging-"):
-            if os.path.exists(leftover):
-                shutil.rmtree(leftover)
-        raise

@@ -15,7 +15,7 @@ from fairseq_moe_prune.checkpoints.convert import convert
 from fairseq_moe_prune.checkpoints.layouts import open_checkpoint
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError, load_checkpoint
 from fairseq_moe_prune.checkpoints.surgery import prune_checkpoint, save_single
-from fairseq_moe_prune.files import OutputExistsError
+from fairseq_moe_prune.files import OutputExistsError, OutputPathError
 from tests.helpers import (
     build_tiny_model,
     import_extra,
@@ -171,7 +171,7 @@ def test_refusals_are_one_line_errors_and_leave_no_output(fairseq_checkpoint, hf
     (tmp_path / "exists").mkdir()
     with pytest.raises(OutputExistsError, match="exists"):
         convert(str(path), str(tmp_path / "exists"), "hf")
-    with pytest.raises(CheckpointError, match="overlap"):
+    with pytest.raises(OutputPathError, match="overlap"):
         convert(str(path), str(tmp_path), "sharded", force=True)
     with pytest.raises(CheckpointError, match="is a hf checkpoint, not single"):
         convert(str(hf_folder[0]), str(tmp_path / "x.pt"), "single", source_format="single")

@@ -2,7 +2,9 @@
 are refused before anything is unpickled, and what it does not cover is left to torch."""
 
 import argparse
+import copy
 import io
+import pickle
 import zipfile
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 
 from fairseq_moe_prune.checkpoints import pickle_index
 from fairseq_moe_prune.checkpoints.pickle_index import TensorRecord, Unsupported
-from fairseq_moe_prune.checkpoints.safe_load import UnsafeCheckpointError
+from fairseq_moe_prune.checkpoints.safe_load import CheckpointError, UnsafeCheckpointError
 from fairseq_moe_prune.checkpoints.streaming import CheckpointRecords, load_mapped, meta_weights, record_crcs
 from fairseq_moe_prune.checkpoints.surgery import CheckpointView, save_sharded
 from tests.checkpoints.test_safe_load import RunsCodeWhenLoaded
@@ -113,3 +115,26 @@ def test_what_it_does_not_cover_is_read_by_torch(tmp_path):
     torch.save({"model": {}, "args": empty, "again": [empty]}, tmp_path / "empty.pt")
     state = pickle_index.read_index(str(tmp_path / "empty.pt")).state
     assert type(state["args"]) is argparse.Namespace and state["again"][0] is state["args"]
+
+
+@pytest.mark.parametrize("target", ["tensor", "storage", "storage type"])
+def test_build_cannot_rewrite_the_frozen_records(target, tmp_path):
+    """BUILD writes a state into ``__dict__`` past ``frozen=True``; on our records it is refused in one line."""
+    storage_type = b"ctorch\nFloatStorage\n"
+    storage = b"(X\x07\x00\x00\x00storage" + storage_type + b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQ"
+    tensor = b"ctorch._utils\n_rebuild_tensor_v2\n(" + storage + b"K\x00K\x04\x85K\x01\x85\x89}tR"
+    forged = {"tensor": tensor, "storage": storage, "storage type": storage_type}[target]
+    state = b"}(X\x06\x00\x00\x00offsetJ\xfb\xff\xff\xffX\x05\x00\x00\x00shapeX\x01\x00\x00\x00xu"
+    data = b"\x80\x02" + forged + state + b"b."
+    path = tmp_path / "forged.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", data)
+        archive.writestr("archive/data/0", bytes(16))
+    with pytest.raises(CheckpointError, match="sets the fields of a tensor or storage description") as error:
+        pickle_index.read_index(str(path))
+    assert "\n" not in str(error.value) and str(error.value).startswith(f"{path}: ")
+
+
+def test_records_still_copy_and_pickle():
+    record = TensorRecord(pickle_index.StorageRecord("0", torch.float32, 4), 0, (4,), (1,))
+    assert copy.deepcopy(record) == record and pickle.loads(pickle.dumps(record)) == record

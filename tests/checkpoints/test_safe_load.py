@@ -1,7 +1,10 @@
 """Checkpoints are untrusted: only the allowlisted classes are unpickled, nothing else runs."""
 
+import io
+import operator
 import os
 import pickle
+import struct
 import subprocess
 import sys
 import zipfile
@@ -10,9 +13,11 @@ import pytest
 import torch
 from fairseq import checkpoint_utils
 
+from fairseq_moe_prune.checkpoints import pickle_index
 from fairseq_moe_prune.checkpoints.safe_load import (
     CheckpointError,
     UnsafeCheckpointError,
+    check_checkpoint,
     load_checkpoint,
     refusal_reason,
 )
@@ -148,3 +153,94 @@ def test_refusals_do_not_pass_on_torchs_advice_to_load_unsafely(malicious_checkp
         torch.load(path, weights_only=True)
     assert "weights_only" in str(error.value)  # torch's own text suggests weights_only=False
     assert "weights_only" not in refusal_reason(error.value) and "posix.system" in refusal_reason(error.value)
+
+
+class AddsStrings:
+    """A harmless stand-in for a payload: a global off the allowlist that torch's full unpickler calls."""
+
+    def __reduce__(self):
+        return (operator.add, ("ev", "il"))
+
+
+def zip_bytes(state) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def directory_of(data: bytes):
+    """(central directory offset, size, the end record) of an archive that has neither comment nor zip64."""
+    end = data[-22:]
+    assert end[:4] == b"PK\x05\x06"
+    size, offset = struct.unpack("<LL", end[12:20])
+    return offset, size, end
+
+
+def two_directories(torchs: bytes, shown: bytes) -> bytes:
+    """An archive whose end record gives ``torchs`` central directory's offset as written (torch reads that
+    one) while ``shown``'s directory, of the same size, sits just before the end record (zipfile reads that
+    one, shifting every offset by the difference)."""
+    offset, size, end = directory_of(torchs)
+    shown_offset, shown_size, _ = directory_of(shown)
+    assert shown_size == size and shown_offset <= offset
+    start = offset + size  # where the shown archive's records go
+    located = start + shown_offset  # where its directory goes
+    shift = located - offset  # what zipfile adds to every offset it reads
+    directory = bytearray(shown[shown_offset:shown_offset + size])
+    position = 0
+    while position < size:
+        header = struct.unpack_from("<L", directory, position + 42)[0]
+        struct.pack_into("<L", directory, position + 42, header + start - shift)
+        position += 46 + sum(struct.unpack_from("<HHH", directory, position + 28))
+    return torchs[:start] + shown[:shown_offset] + bytes(directory) + end
+
+
+def test_the_scan_reads_the_pickle_torch_unpickles_not_the_one_zipfile_shows(tmp_path, monkeypatch):
+    tensor = torch.arange(4.0)
+    path = tmp_path / "two-directories.pt"
+    path.write_bytes(two_directories(zip_bytes({"x": tensor, "v": AddsStrings()}), zip_bytes({"x": tensor, "v": "good"})))
+    with zipfile.ZipFile(path) as archive:  # what Python's zipfile shows: a harmless pickle
+        shown = archive.read("archive/data.pkl")
+    assert b"good" in shown and b"operator" not in shown
+    assert torch.load(path, weights_only=False)["v"] == "evil"  # what torch unpickles: the other one
+    with pytest.raises(CheckpointError, match="central directory does not end where the end record starts") as error:
+        check_checkpoint(str(path))  # the scan that guards fairseq's own torch.load
+    assert "\n" not in str(error.value)
+    with pytest.raises(CheckpointError, match="central directory"):
+        pickle_index.read_index(str(path))
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(SystemExit, match="central directory"):
+        checkpoint_utils.load_checkpoint_to_cpu(str(path))
+
+
+@pytest.mark.parametrize("forgery", ["appended", "prepended", "comment", "duplicate name", "name in other case"])
+def test_archives_read_differently_by_zipfile_and_torch_are_refused(tmp_path, forgery):
+    data = zip_bytes({"x": torch.arange(4.0)})
+    offset, size, end = directory_of(data)
+    if forgery == "appended":
+        data += b"\0" * 16
+    elif forgery == "prepended":
+        data = data[:4] + data  # still starts as a zip: torch's test of the format passes
+    elif forgery == "comment":
+        data = data[:-2] + struct.pack("<H", 3) + b"abc"
+    else:
+        first = data[offset:offset + 46 + sum(struct.unpack_from("<HHH", data, offset + 28))]
+        if forgery == "name in other case":
+            first = first.replace(b"data.pkl", b"DATA.PKL")
+        entries = struct.unpack_from("<H", end, 10)[0] + 1
+        end = end[:8] + struct.pack("<HHLL", entries, entries, size + len(first), offset) + end[20:]
+        data = data[:offset + size] + first + end
+    (tmp_path / "forged.pt").write_bytes(data)
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as error:
+        load_checkpoint(str(tmp_path / "forged.pt"))
+    assert "\n" not in str(error.value)
+
+
+def test_zip64_archives_are_read(tmp_path, monkeypatch):
+    data = zip_bytes({"x": torch.arange(4.0)})
+    monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 1)  # zipfile then writes the zip64 end records
+    with zipfile.ZipFile(io.BytesIO(data)) as source, zipfile.ZipFile(tmp_path / "zip64.pt", "w") as target:
+        for info in source.infolist():
+            target.writestr(info, source.read(info))
+    assert b"PK\x06\x06" in (tmp_path / "zip64.pt").read_bytes()
+    assert torch.equal(load_checkpoint(str(tmp_path / "zip64.pt"))["x"], torch.arange(4.0))
