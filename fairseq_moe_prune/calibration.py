@@ -357,7 +357,8 @@ def load(path: str) -> Calibration:
 # 2,048 tokens each are 409,600 tokens per layer) is reduced to this many by :func:`pool`'s weighted reservoir.
 # The search holds tokens x experts^2 float64 inner products and four tokens x experts tables, so at NLLB's
 # size (128 experts) this bound is 32,768 x 128 x (128 + 4) x 8 B = 4.1 GiB of search data per layer (409,600
-# tokens would be 52 GiB), plus the pooled samples: 32,768 x (2 x 2,048 + 128) x 4 B = 0.5 GiB.
+# tokens would be 52 GiB), plus the pooled samples, 32,768 x (2 x 2,048 + 128) x 4 B = 0.5 GiB, and one chunk of
+# expert outputs while they are evaluated (reconstruction.CHUNK_BYTES: 0.3 GiB).
 POOL_TOKENS = 32768
 
 
