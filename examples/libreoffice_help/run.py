@@ -35,6 +35,7 @@ from fairseq_moe_prune.stats import split_pair
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from prepare_data import DEBIAN_SUFFIX  # noqa: E402  (this folder, just put on the path)
 ENGLISH = "eng_Latn"
 EIGHT = "deu_Latn,fra_Latn,rus_Cyrl,ell_Grek,fin_Latn,tur_Latn,jpn_Jpan,zho_Hans"
 FOUR = "deu_Latn,fra_Latn,rus_Cyrl,ell_Grek"  # 3 scripts: Latin, Cyrillic, Greek
@@ -361,7 +362,7 @@ def provenance(cpu: bool = False) -> str:
             f"device {device}.")
 
 
-def machine_and_data(data: Path) -> str:
+def machine_and_data(data: Path, langs: str) -> str:
     """What a figure depends on besides the code, for another machine to compare with: the CPU and the kernels
     torch picked on it, the threads, the Debian packages the text came from and a digest of the prepared
     corpus (SentencePiece model, dictionary and binaries)."""
@@ -369,8 +370,10 @@ def machine_and_data(data: Path) -> str:
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
+    used = {f"libreoffice-help-{DEBIAN_SUFFIX[language]}" for language in [ENGLISH, *langs.split(",")]
+            if language in DEBIAN_SUFFIX}
     packages = sorted(re.sub(r"%3a", ":", path.name[:-len("_all.deb")]).replace("_", " ")
-                      for path in (data / "debs").glob("*.deb"))
+                      for path in (data / "debs").glob("*.deb") if path.name.split("_")[0] in used)
     digest = hashlib.sha256()
     for path in [data / "spm.model", *sorted((data / "bin").iterdir())]:
         if path.is_file():
@@ -556,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                      "extracted with `fairseq-moe-prune extract` (a plain dense `transformer`); the token-MoE pruned "
                      "per language to 2 experts per MoE layer (importance) for the same number of parameters.")
     setup += [f"- Settings replaced (--set): {', '.join(args.set)}." if args.set else "", trained_for(work, preset, device),
-              provenance(args.cpu), machine_and_data(data)]
+              provenance(args.cpu), machine_and_data(data, langs)]
     setup = [line for line in setup if line]
     report = write_report(work / "sweep", results, statistics, setup, task_moe=task_results,
                           references=sweep.references, workers=os.cpu_count() or 1, heldout=heldout)

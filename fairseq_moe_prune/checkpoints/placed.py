@@ -5,7 +5,7 @@ file), builds the model (a second copy of every weight) and copies one into the 
 full NLLB-200 MoE that is twice 101 GiB. Here the checkpoint is memory-mapped, the experts of an
 offloaded or placed model are built without memory (:mod:`fairseq_moe_prune.moe.placement`), and
 each expert tensor goes to its final place as it is read: an offloaded expert keeps the mapped
-tensor itself as its host copy (pinned when the model moves to a GPU), a placed expert is copied
+tensor itself as its host copy (page-locked only while copied, through a small staging ring), a placed expert is copied
 onto its device. NLLB's sharded release (``X-shared.pt`` + ``X-rank-N.pt``) is read the same way,
 every rank file mapped, none read whole.
 
