@@ -62,9 +62,14 @@ def test_logits_routing_and_beam_search_are_bit_identical(plain, flags):
     assert torch.equal(logits(model, batch), logits(other, batch))
     assert seen_plain == seen_other and seen_plain
 
+    assert_same_beam_search(cfg, task, model, other, batch)
+
+
+def assert_same_beam_search(cfg, task, model, other, batch) -> None:
+    """Beam 4 gives the same hypotheses and positional scores, bit for bit, with both models."""
     cfg.generation.beam, cfg.generation.max_len_a, cfg.generation.max_len_b = 4, 0, 8  # a random model rambles
     generator = task.build_generator([model], cfg.generation)
-    sample = {"net_input": {"src_tokens": batch[0], "src_lengths": batch[1]}, "id": torch.arange(6)}
+    sample = {"net_input": {"src_tokens": batch[0], "src_lengths": batch[1]}, "id": torch.arange(len(batch[0]))}
     with torch.no_grad():
         hyps_plain = task.inference_step(generator, [model], sample)
         hyps_other = task.inference_step(generator, [other], sample)
@@ -134,15 +139,7 @@ def test_offload_page_locks_only_a_staging_ring_and_generation_stays_bit_identic
         layer.placement.pin = pin  # one counter over the whole model
     batch = random_batch(num_sentences=6, seed=1)
     assert torch.equal(logits(model, batch), logits(other, batch))
-    cfg.generation.beam, cfg.generation.max_len_a, cfg.generation.max_len_b = 4, 0, 8
-    generator = task.build_generator([model], cfg.generation)
-    sample = {"net_input": {"src_tokens": batch[0], "src_lengths": batch[1]}, "id": torch.arange(6)}
-    with torch.no_grad():
-        hyps_plain = task.inference_step(generator, [model], sample)
-        hyps_other = task.inference_step(generator, [other], sample)
-    for a, b in zip(hyps_plain, hyps_other):
-        for x, y in zip(a, b):
-            assert torch.equal(x["tokens"], y["tokens"]) and torch.equal(x["positional_scores"], y["positional_scores"])
+    assert_same_beam_search(cfg, task, model, other, batch)
 
     # every copy went through the ring, and never more than the expert computing and the one copied ahead
     # were page-locked at once over the whole model (the host experts themselves never are)
