@@ -37,11 +37,12 @@ logging.getLogger("fairseq.tasks.text_to_speech").addFilter(NoTensorboardNotice(
 
 def register() -> None:
     """Register the model, tasks and criterion with fairseq and guard its checkpoint loading."""
+    from fairseq_moe_prune.checkpoints import placed
     from fairseq_moe_prune.checkpoints.safe_load import guard_fairseq_loading, install_allowlist
     from fairseq_moe_prune.errors import install_excepthook
 
     install_allowlist()
-    guard_fairseq_loading()
+    guard_fairseq_loading(placed.load_if_placed)  # offloaded or placed experts, sharded releases
     install_excepthook()  # our errors in fairseq's commands (a refused model config): one line, no traceback
 
     from fairseq_moe_prune import criterions, tasks  # noqa: F401  (registration)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from fairseq_moe_prune.files import WrittenAtExit, atomic_open, is_regular_file, make_folder, regular_files
-from fairseq_moe_prune.models.layout import MoELayerSpec
+from fairseq_moe_prune.layout import MoELayerSpec
 from fairseq_moe_prune.moe.layer import RoutingRecord
 from fairseq_moe_prune.stats import Fingerprint, StatsError, split_pair, whole_number
 

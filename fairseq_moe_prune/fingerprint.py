@@ -26,7 +26,7 @@ from typing import Iterable, List, Mapping, Tuple
 import torch
 from torch import Tensor
 
-from fairseq_moe_prune.models.layout import MoELayerSpec, moe_layers
+from fairseq_moe_prune.layout import MoELayerSpec, moe_layers
 from fairseq_moe_prune.stats import Fingerprint
 
 SAMPLE = 64  # elements of each expert tensor hashed at its start, middle and end

@@ -23,7 +23,7 @@ from fairseq_moe_prune.checkpoints.streaming import materialize
 from fairseq_moe_prune.checkpoints.surgery import CheckpointView, prune_checkpoint, save_sharded, save_single
 from fairseq_moe_prune.files import check_output, input_files, open_regular, staged_directory, write_atomic
 from fairseq_moe_prune.fingerprint import weights_fingerprint
-from fairseq_moe_prune.models.layout import MoELayerSpec, config_value
+from fairseq_moe_prune.layout import MoELayerSpec, config_value
 from fairseq_moe_prune.models.task_routing import check_skipping
 from fairseq_moe_prune.ranking import (
     GRANULARITIES,

@@ -17,7 +17,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from fairseq_moe_prune.errors import FairseqMoEPruneError
-from fairseq_moe_prune.models.layout import MoELayerSpec
+from fairseq_moe_prune.layout import MoELayerSpec
 from fairseq_moe_prune.stats import PROB_SCALE, REAP_SCALE, LayerCounts
 
 METRICS = ("importance", "vanilla_importance", "activity", "top2", "load_balancing", "reap", "random")

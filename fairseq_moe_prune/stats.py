@@ -24,7 +24,7 @@ import numpy as np
 
 from fairseq_moe_prune.errors import FairseqMoEPruneError
 from fairseq_moe_prune.files import check_output, open_regular, write_atomic
-from fairseq_moe_prune.models.layout import PREFIX_PATTERN, MoELayerSpec
+from fairseq_moe_prune.layout import PREFIX_PATTERN, MoELayerSpec
 
 FORMAT = "fairseq-moe-prune/stats"
 # 2 added routed / reap_sum (REAP saliency); 3 added runs (identity and subset size); 4 added skipped;

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from fairseq_moe_prune import calibration, reconstruction  # noqa: E402
-from fairseq_moe_prune.models.layout import moe_layers  # noqa: E402
+from fairseq_moe_prune.layout import moe_layers  # noqa: E402
 from fairseq_moe_prune.moe.layer import GateOptions, MoELayer  # noqa: E402
 from fairseq_moe_prune.pruning import PruneOptions, prune  # noqa: E402
 from fairseq_moe_prune.fingerprint import weights_fingerprint  # noqa: E402

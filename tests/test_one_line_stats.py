@@ -20,7 +20,7 @@ import torch
 from fairseq_moe_prune import calibration, stats
 from fairseq_moe_prune.checkpoints.extract import extract
 from fairseq_moe_prune.checkpoints.layouts import open_checkpoint
-from fairseq_moe_prune.models.layout import moe_layers, skip_betas
+from fairseq_moe_prune.layout import moe_layers, skip_betas
 from fairseq_moe_prune.ranking import SelectionError, metric_values
 from tests.helpers import USER_DIR, tiny_checkpoint_with_stats, write_dictionaries
 

@@ -18,7 +18,7 @@ from fairseq_moe_prune.checkpoints.surgery import (
     save_single,
 )
 from fairseq_moe_prune.files import OutputExistsError
-from fairseq_moe_prune.models.layout import MoELayerSpec
+from fairseq_moe_prune.layout import MoELayerSpec
 from fairseq_moe_prune.pruning import PruneOptions, checkpoint_fingerprint, plan, prune
 from fairseq_moe_prune.ranking import SelectionError
 from tests.helpers import build_tiny_model, logits, random_batch, save_like_trainer, tiny_checkpoint_with_stats

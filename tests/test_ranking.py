@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from fairseq_moe_prune.models.layout import MoELayerSpec
+from fairseq_moe_prune.layout import MoELayerSpec
 from fairseq_moe_prune.ranking import (
     Budget,
     SelectionError,

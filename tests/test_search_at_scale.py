@@ -10,7 +10,7 @@ import torch
 from fairseq_moe_prune import calibration, cli, reconstruction
 from fairseq_moe_prune.calibration import CalibrationError, LayerSample
 from fairseq_moe_prune.fingerprint import weights_fingerprint
-from fairseq_moe_prune.models.layout import moe_layers
+from fairseq_moe_prune.layout import moe_layers
 from fairseq_moe_prune.moe.layer import GateOptions, MoELayer
 from fairseq_moe_prune.pruning import PruneOptions, prune
 from fairseq_moe_prune.ranking import SelectionError

@@ -20,7 +20,7 @@ from fairseq_moe_prune import calibration as calibration_lib
 from fairseq_moe_prune import reconstruction
 from fairseq_moe_prune.checkpoints.layouts import open_checkpoint
 from fairseq_moe_prune.files import atomic_open
-from fairseq_moe_prune.models.layout import config_value
+from fairseq_moe_prune.layout import config_value
 from fairseq_moe_prune.pruning import checkpoint_fingerprint, layer_experts, load_calibration, read_experts_json
 
 

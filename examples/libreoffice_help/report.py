@@ -20,7 +20,7 @@ from sweep import mean, metrics  # noqa: E402
 
 from fairseq_moe_prune import stats as stats_lib  # noqa: E402
 from fairseq_moe_prune.files import atomic_open  # noqa: E402
-from fairseq_moe_prune.models.layout import MoELayerSpec  # noqa: E402
+from fairseq_moe_prune.layout import MoELayerSpec  # noqa: E402
 from fairseq_moe_prune.significance import SAMPLES, Interval, difference, resample_many, seed_for  # noqa: E402
 
 BEST = "importance per language"

@@ -33,7 +33,7 @@ from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
 from fairseq_moe_prune.checkpoints.streaming import Entry, materialize
 from fairseq_moe_prune.checkpoints.surgery import CheckpointView, save_single
 from fairseq_moe_prune.files import atomic_open, check_output, staged_directory
-from fairseq_moe_prune.models.layout import MoEConfigError, MoELayerSpec, config_value, gate_layer, skip_betas
+from fairseq_moe_prune.layout import MoEConfigError, MoELayerSpec, config_value, gate_layer, skip_betas
 from fairseq_moe_prune.models.task_routing import TaskSpace, routes_by_task, split_pair, task_routing
 from fairseq_moe_prune.moe.gate import task_gating
 from fairseq_moe_prune.moe.layer import GateOptions

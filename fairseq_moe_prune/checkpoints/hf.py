@@ -38,7 +38,7 @@ from fairseq_moe_prune.checkpoints.streaming import (
 )
 from fairseq_moe_prune.checkpoints.surgery import CheckpointView
 from fairseq_moe_prune.files import is_plain_name, is_regular_file, open_regular, require_regular_file, umask
-from fairseq_moe_prune.models.layout import (
+from fairseq_moe_prune.layout import (
     EXPERT_WEIGHTS,
     LAYER_PREFIX,
     MoEConfigError,
@@ -50,7 +50,7 @@ from fairseq_moe_prune.models.layout import (
     skip_betas,
 )
 
-# An MoE layer's prefix with the table's placeholders: our names of its weights come from models/layout.py
+# An MoE layer's prefix with the table's placeholders: our names of its weights come from layout.py
 _MOE_LAYER = LAYER_PREFIX.format(side="{side}", layer="{i}")
 
 # One table for both directions: the fairseq name and the HF name of every weight.

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
 from fairseq_moe_prune.checkpoints.streaming import Entry, RecordCRCs, SourceTensor, load_mapped, meta_weights
-from fairseq_moe_prune.models.layout import (
+from fairseq_moe_prune.layout import (
     MoEConfigError,
     MoELayerSpec,
     expert_head,

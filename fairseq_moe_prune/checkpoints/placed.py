@@ -10,7 +10,7 @@ onto its device. NLLB's sharded release (``X-shared.pt`` + ``X-rank-N.pt``) is r
 every rank file mapped, none read whole.
 
 :func:`load_checkpoint_to_cpu` does what fairseq's function of that name does (model overrides,
-state upgrade) and is used in its place, by :func:`..safe_load.guard_fairseq_loading`, when the
+state upgrade) and is used in its place, by :func:`..safe_load.guard_fairseq_loading` (handed :func:`load_if_placed`), when the
 overrides ask for offload or placement or the path is a sharded release.
 """
 
@@ -28,7 +28,7 @@ from fairseq_moe_prune.checkpoints.layouts import (
     rank_paths,
 )
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError, load_checkpoint
-from fairseq_moe_prune.models.layout import moe_layers, split_expert_key
+from fairseq_moe_prune.layout import moe_layers, split_expert_key
 from fairseq_moe_prune.moe.placement import check_placement
 
 PLACEMENT_FIELDS = ("moe_expert_offload", "moe_expert_devices")
@@ -118,3 +118,9 @@ def load_checkpoint_to_cpu(path: str, arg_overrides: Optional[Mapping[str, Any]]
     check_experts(path, state["model"], specs)
     return state
 
+
+
+def load_if_placed(path: str, arg_overrides: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The state of a checkpoint this module loads (offloaded or placed experts, NLLB's sharded release), or
+    None: what the fairseq loading guard is handed (``safe_load.guard_fairseq_loading``)."""
+    return load_checkpoint_to_cpu(path, arg_overrides) if loads_here(path, arg_overrides) else None

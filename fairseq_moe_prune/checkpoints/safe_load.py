@@ -218,11 +218,15 @@ def load_checkpoint(path: str, mmap: bool = True, meta: bool = False) -> Dict[st
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({first_line(error)})") from None
 
 
-def guard_fairseq_loading() -> None:
+def guard_fairseq_loading(load_elsewhere: Optional[Callable[[str, Any], Optional[Dict[str, Any]]]] = None) -> None:
     """Make stock fairseq CLIs refuse unsafe checkpoints with one line instead of a traceback.
 
     fairseq's ``checkpoint_utils.load_checkpoint_to_cpu`` is the one function through which
     ``fairseq-generate``, ``-interactive`` and ``-train`` read checkpoints; we check the file first.
+    ``load_elsewhere(path, arg_overrides)``, given by the caller (the package's registration hands down the
+    loader of offloaded or placed models, ``checkpoints.placed``), loads the checkpoints it takes and returns
+    None for the others, which fairseq's own function then loads: this module decides only whether bytes may
+    be unpickled, never where experts go.
     """
     from fairseq import checkpoint_utils
 
@@ -237,14 +241,13 @@ def guard_fairseq_loading() -> None:
                 check_checkpoint(path)
             except CheckpointError as error:
                 raise SystemExit(f"error: {error}") from None
-        from fairseq_moe_prune.checkpoints import placed  # offloaded or placed experts, sharded releases
-
-        arg_overrides = args[0] if args else kwargs.get("arg_overrides")
-        if placed.loads_here(path, arg_overrides):
+        if load_elsewhere is not None:
             try:
-                return placed.load_checkpoint_to_cpu(path, arg_overrides)
+                state = load_elsewhere(path, args[0] if args else kwargs.get("arg_overrides"))
             except FairseqMoEPruneError as error:  # CheckpointError, MoEConfigError, PlacementError
                 raise SystemExit(f"error: {error}") from None
+            if state is not None:
+                return state
         try:
             return original(path, *args, **kwargs)
         except pickle.UnpicklingError as error:

@@ -16,7 +16,7 @@ import torch
 from fairseq_moe_prune.checkpoints.layouts import SHARED_SUFFIX, MoECheckpoint, is_expert_key
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
 from fairseq_moe_prune.checkpoints.streaming import Entry, RecordCRCs, check_crc, save_streaming
-from fairseq_moe_prune.models.layout import MoELayerSpec, expert_key, format_counts, gate_layer, split_expert_key
+from fairseq_moe_prune.layout import MoELayerSpec, expert_key, format_counts, gate_layer, split_expert_key
 
 
 def pruned_config(config: Any, specs: List[MoELayerSpec], kept: Mapping[str, List[int]]) -> Any:

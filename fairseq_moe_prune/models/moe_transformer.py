@@ -30,7 +30,7 @@ from fairseq.models.transformer import (
 from fairseq.models.transformer.transformer_legacy import base_architecture
 
 from fairseq_moe_prune.models import task_routing
-from fairseq_moe_prune.models.layout import MoEConfigError, config_value, moe_layers, skip_betas
+from fairseq_moe_prune.layout import MoEConfigError, config_value, moe_layers, skip_betas
 from fairseq_moe_prune.models.task_routing import TaskLookup, TaskSpace
 from fairseq_moe_prune.models.transformer_layers import MoEDecoderLayer, MoEEncoderLayer
 from fairseq_moe_prune.moe.gate import SECOND_EXPERT_POLICIES, GateOptions

@@ -23,7 +23,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fairseq_moe_prune.models.layout import MoEConfigError, config_value, moe_layers, skip_betas
+from fairseq_moe_prune.layout import MoEConfigError, config_value, moe_layers, skip_betas
 from fairseq_moe_prune import stats
 from fairseq_moe_prune.stats import StatsError
 

@@ -16,7 +16,7 @@ from fairseq.modules.transformer_layer import (
 )
 from torch import Tensor
 
-from fairseq_moe_prune.models.layout import MoEConfigError
+from fairseq_moe_prune.layout import MoEConfigError
 from fairseq_moe_prune.moe.layer import GateOptions, MoELayer
 from fairseq_moe_prune.moe.placement import building_context, place_layer, placement_options
 

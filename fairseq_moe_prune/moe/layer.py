@@ -1,6 +1,6 @@
 """The MoE feed-forward block: a gate, a list of expert FFNs, dispatch and combine.
 
-Parameter names match NLLB's checkpoints; their keys are spelled once, in ``models/layout.py`` (``MoELayerSpec``).
+Parameter names match NLLB's checkpoints; their keys are spelled once, in ``layout.py`` (``MoELayerSpec``).
 """
 
 from __future__ import annotations

@@ -39,9 +39,9 @@ from torch import Tensor
 from torch.func import functional_call
 
 from fairseq_moe_prune.errors import FairseqMoEPruneError
+from fairseq_moe_prune.layout import MoELayerSpec, config_value
 
-if TYPE_CHECKING:  # pragma: no cover
-    from fairseq_moe_prune.models.layout import MoELayerSpec
+if TYPE_CHECKING:  # pragma: no cover  (annotations only: the MoE layer imports this module)
     from fairseq_moe_prune.moe.layer import MoELayer
 
 DEFAULT_CACHE_EXPERTS = 8
@@ -88,8 +88,6 @@ def parse_devices(text: Optional[str]) -> Tuple[torch.device, ...]:
 
 def placement_options(cfg) -> PlacementOptions:
     """The placement a model config asks for, checked; raises :class:`PlacementError`."""
-    from fairseq_moe_prune.models.layout import config_value  # models import the MoE layer, which imports us
-
     offload = bool(config_value(cfg, "moe_expert_offload", False))
     cache = config_value(cfg, "moe_offload_cache_experts", DEFAULT_CACHE_EXPERTS)
     try:

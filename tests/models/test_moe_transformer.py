@@ -7,7 +7,7 @@ import torch
 from fairseq import checkpoint_utils
 from fairseq.models import ARCH_CONFIG_REGISTRY
 
-from fairseq_moe_prune.models.layout import MoEConfigError, moe_layers
+from fairseq_moe_prune.layout import MoEConfigError, moe_layers
 from fairseq_moe_prune.models.moe_transformer import MoETransformerModel
 from tests.helpers import build_tiny_model, logits, random_batch, save_like_trainer
 
