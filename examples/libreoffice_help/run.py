@@ -517,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     results = sweep.run(methods, levels, curve)
     heldout = None
     if evidence:
-        from heldout import compare
+        from heldout import compare  # reads checkpoints through the library (torch): only when asked for
 
         samples = {f"dev, {CALIBRATION_TOKENS} tokens": work / "calibration",
                    f"dev, {LARGE_CALIBRATION} tokens": work / "calibration-2048",
