@@ -17,6 +17,17 @@ from fairseq_moe_prune.errors import FairseqMoEPruneError
 
 SIDES = ("encoder", "decoder")
 
+# The model config's MoE fields, NLLB's and ours, in MoEConfig's order (models/moe_transformer.py declares each one's
+# type, default and help; tests/models/test_moe_transformer.py checks the two agree). A dense model has none of them.
+MOE_CONFIG_FIELDS = (
+    "moe_freq", "encoder_moe_freq", "decoder_moe_freq", "moe_expert_count", "encoder_moe_expert_counts",
+    "decoder_moe_expert_counts", "moe_gating_use_fp32", "moe_second_expert_policy",
+    "moe_normalize_gate_prob_before_dropping", "moe_eval_capacity_token_fraction", "moe_batch_prioritized_routing",
+    "use_moe_pad_mask", "moe_eom", "moe_top1_expert", "moe_skip_betas", "encoder_ffn_dims", "decoder_ffn_dims",
+    "moe_task_routing", "moe_task", "moe_task_langs", "moe_task_pairs", "moe_expert_offload",
+    "moe_offload_cache_experts", "moe_expert_devices",
+)
+
 # State-dict names of an MoE layer's weights (NLLB's); LAYER_PREFIX also takes placeholders (checkpoints/hf.py)
 LAYER_PREFIX = "{side}.layers.{layer}.moe_layer"
 GATE_WEIGHT = "gate.wg.weight"  # within the layer

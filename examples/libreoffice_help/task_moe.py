@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from sweep import SINGLE, quiet, score
 
-from fairseq_moe_prune.checkpoints.extract import config_gate_options, extract, task_fold
+from fairseq_moe_prune.checkpoints.extract import extract, task_fold
 from fairseq_moe_prune.checkpoints.layouts import open_checkpoint
 from fairseq_moe_prune.evaluation import Translation, Translator
 from fairseq_moe_prune.files import atomic_open
 from fairseq_moe_prune.models.task_routing import TaskSpace
+from fairseq_moe_prune.moe.gate import gate_options
 from fairseq_moe_prune.pruning import PruneOptions, prune
 from fairseq_moe_prune.stats import split_pair
 
@@ -59,7 +60,7 @@ def task_routing_usage(checkpoint: str) -> Dict[str, Tuple[List[str], np.ndarray
     opened = open_checkpoint(checkpoint)
     config, weights = opened.config, opened.state["model"]
     space = TaskSpace.from_config(config)
-    options = config_gate_options(config)
+    options = gate_options(config)
     usage = {}
     for spec in opened.specs:
         languages = space.trained_sources() if spec.side == "encoder" else space.trained_targets()

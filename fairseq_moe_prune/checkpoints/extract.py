@@ -21,7 +21,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -33,10 +33,9 @@ from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
 from fairseq_moe_prune.checkpoints.streaming import Entry, materialize
 from fairseq_moe_prune.checkpoints.surgery import CheckpointView, save_single
 from fairseq_moe_prune.files import atomic_open, check_output, staged_directory
-from fairseq_moe_prune.layout import MoEConfigError, MoELayerSpec, config_value, gate_layer, skip_betas
+from fairseq_moe_prune.layout import MOE_CONFIG_FIELDS, MoEConfigError, MoELayerSpec, config_value, gate_layer, skip_betas
 from fairseq_moe_prune.models.task_routing import TaskSpace, routes_by_task, split_pair, task_routing
-from fairseq_moe_prune.moe.gate import task_gating
-from fairseq_moe_prune.moe.layer import GateOptions
+from fairseq_moe_prune.moe.gate import GateOptions, gate_options, task_gating
 
 LANGUAGE = re.compile(r"^[A-Za-z0-9_]+$")
 FFN_NAMES = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
@@ -52,10 +51,6 @@ class Fold:
 
     experts: List[int]
     factors: List[float]  # combine weight x (1 - eom)
-
-
-def as_namespace(config: Any) -> argparse.Namespace:
-    return argparse.Namespace(**config) if isinstance(config, dict) else argparse.Namespace(**vars(config))
 
 
 def parse_task(text: str, space: TaskSpace, encoder_routed: bool) -> Tuple[Optional[str], str]:
@@ -136,12 +131,6 @@ def pad_ffn(ffn: Mapping[str, Tensor], width: int) -> Dict[str, Tensor]:
     }
 
 
-def moe_field_names() -> List[str]:
-    from fairseq_moe_prune.models.moe_transformer import MoEConfig
-
-    return [f.name for f in fields(MoEConfig)]
-
-
 def set_value(config: Any, name: str, value: Any) -> None:
     if isinstance(config, dict):
         config[name] = value
@@ -152,7 +141,7 @@ def set_value(config: Any, name: str, value: Any) -> None:
 def dense_config(config: Any, widths: Mapping[str, int]) -> Dict[str, Any]:
     """fairseq's plain ``transformer`` config (a dict: stock fairseq unpickles no Namespace)."""
     values = dict(config) if isinstance(config, dict) else dict(vars(config))
-    for name in moe_field_names():
+    for name in MOE_CONFIG_FIELDS:
         values.pop(name, None)
     values.update(_name="transformer", arch="transformer", user_dir=None,
                   encoder_ffn_embed_dim=widths["encoder"], decoder_ffn_embed_dim=widths["decoder"])
@@ -214,7 +203,7 @@ def extract_task(checkpoint: MoECheckpoint, source: Optional[str], target: str, 
     """
     config = checkpoint.config
     space = TaskSpace.from_config(config)
-    options = config_gate_options(config)
+    options = gate_options(config)
     eom = float(config_value(config, "moe_eom", 0.0))
     weights = checkpoint.state["model"]
     kept = [spec for spec in checkpoint.specs if not routes_by_task(config, spec.side)]
@@ -308,13 +297,6 @@ def check_encoder_langtok(checkpoint: MoECheckpoint) -> None:
     if needs_source and langtok is not None and str(langtok) != "src":
         raise ExtractError(f"{checkpoint.path}: the model was trained with --encoder-langtok {str(langtok)[:20]}, so "
                            "its encoder sees no source language token; extract needs --encoder-langtok src")
-
-
-def config_gate_options(config: Any) -> GateOptions:
-    """The gating flags of a checkpoint's model config (a Namespace or a dict)."""
-    from fairseq_moe_prune.models.transformer_layers import gate_options
-
-    return gate_options(as_namespace(config))
 
 
 def extract(checkpoint_path: str, out_dir: str, tasks: List[str], per_layer: bool = False, fp16: bool = False,

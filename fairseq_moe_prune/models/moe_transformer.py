@@ -30,7 +30,7 @@ from fairseq.models.transformer import (
 from fairseq.models.transformer.transformer_legacy import base_architecture
 
 from fairseq_moe_prune.models import task_routing
-from fairseq_moe_prune.layout import MoEConfigError, config_value, moe_layers, skip_betas
+from fairseq_moe_prune.layout import MOE_CONFIG_FIELDS, MoEConfigError, config_value, moe_layers, skip_betas
 from fairseq_moe_prune.models.task_routing import TaskLookup, TaskSpace
 from fairseq_moe_prune.models.transformer_layers import MoEDecoderLayer, MoEEncoderLayer
 from fairseq_moe_prune.moe.gate import SECOND_EXPERT_POLICIES, GateOptions
@@ -41,7 +41,8 @@ from fairseq_moe_prune.moe.placement import check_placement
 @dataclass
 class MoEConfig(FairseqDataclass):
     """NLLB's MoE fields plus ours (per-layer expert counts, FFN widths, task routing, placement); the
-    gating fields' defaults are GateOptions's (the nllb branch's)."""
+    gating fields' defaults are GateOptions's (the nllb branch's). Their names, in this order, are
+    ``layout.MOE_CONFIG_FIELDS``, which readers of checkpoints use without importing the model."""
 
     moe_freq: int = field(default=0, metadata={"help": "every N-th layer is an MoE layer (0: none)"})
     encoder_moe_freq: int = field(default=0, metadata={"help": "MoE frequency in the encoder"})
@@ -372,7 +373,7 @@ def _set_defaults(args: Any, **values: Any) -> None:
 @register_model_architecture("moe_transformer", "moe_transformer")
 def moe_base_architecture(args):
     defaults = MoEConfig()
-    _set_defaults(args, **{f.name: getattr(defaults, f.name) for f in fields(MoEConfig) if not f.name.startswith("_")})
+    _set_defaults(args, **{name: getattr(defaults, name) for name in MOE_CONFIG_FIELDS})
     base_architecture(args)
 
 

@@ -17,31 +17,9 @@ from fairseq.modules.transformer_layer import (
 from torch import Tensor
 
 from fairseq_moe_prune.layout import MoEConfigError
-from fairseq_moe_prune.moe.layer import GateOptions, MoELayer
+from fairseq_moe_prune.moe.gate import gate_options
+from fairseq_moe_prune.moe.layer import MoELayer
 from fairseq_moe_prune.moe.placement import building_context, place_layer, placement_options
-
-
-# Each GateOptions field and the model config's (NLLB's) name for it
-GATE_CONFIG_FIELDS = {
-    "top1": "moe_top1_expert",
-    "use_fp32": "moe_gating_use_fp32",
-    "second_expert_policy": "moe_second_expert_policy",
-    "normalize_gate_prob_before_dropping": "moe_normalize_gate_prob_before_dropping",
-    "eval_capacity_token_fraction": "moe_eval_capacity_token_fraction",
-    "batch_prioritized_routing": "moe_batch_prioritized_routing",
-    "use_pad_mask": "use_moe_pad_mask",
-}
-
-
-def gate_options(cfg: Any, skip_beta: float = 0.0) -> GateOptions:
-    """The gating flags of a model config's NLLB fields (and a layer's skipping beta); a field the config
-    lacks or leaves unset takes GateOptions's default."""
-    defaults = GateOptions()
-    values = {}
-    for name, config_name in GATE_CONFIG_FIELDS.items():
-        default = getattr(defaults, name)
-        values[name] = type(default)(utils.safe_getattr(cfg, config_name, default))
-    return GateOptions(**values, skip_beta=float(skip_beta))
 
 
 def build_moe_layer(cfg: Any, embed_dim: int, ffn_dim: int, num_experts: int, skip_beta: float) -> MoELayer:

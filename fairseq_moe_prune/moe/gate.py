@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from fairseq_moe_prune.layout import config_value
 
 SECOND_EXPERT_POLICIES = ("all", "sampling", "random")
 
@@ -25,7 +27,7 @@ class GateOptions:
     """NLLB's gating flags (its config's ``moe_*`` fields), with the nllb branch's defaults.
 
     The defaults are stated here once: the gating functions below, the model config (``MoEConfig``)
-    and the config reader (``transformer_layers.gate_options``) take theirs from this class.
+    and the config reader (:func:`gate_options`) take theirs from this class.
     """
 
     top1: bool = False
@@ -36,6 +38,30 @@ class GateOptions:
     batch_prioritized_routing: bool = False
     use_pad_mask: bool = False
     skip_beta: float = 0.0  # dynamic skipping of the second expert (moe_skip_betas); 0: off
+
+
+# Each GateOptions field and the model config's (NLLB's) name for it
+GATE_CONFIG_FIELDS = {
+    "top1": "moe_top1_expert",
+    "use_fp32": "moe_gating_use_fp32",
+    "second_expert_policy": "moe_second_expert_policy",
+    "normalize_gate_prob_before_dropping": "moe_normalize_gate_prob_before_dropping",
+    "eval_capacity_token_fraction": "moe_eval_capacity_token_fraction",
+    "batch_prioritized_routing": "moe_batch_prioritized_routing",
+    "use_pad_mask": "use_moe_pad_mask",
+}
+
+
+def gate_options(cfg: Any, skip_beta: float = 0.0) -> GateOptions:
+    """The gating flags of a model config's NLLB fields (a Namespace, omegaconf, dataclass or dict; and a layer's
+    skipping beta); a field the config lacks or leaves unset takes GateOptions's default."""
+    defaults = GateOptions()
+    values = {}
+    for name, config_name in GATE_CONFIG_FIELDS.items():
+        default = getattr(defaults, name)
+        value = config_value(cfg, config_name)
+        values[name] = default if value is None else type(default)(value)
+    return GateOptions(**values, skip_beta=float(skip_beta))
 
 
 @dataclass

@@ -1,14 +1,15 @@
 """The registered MoE transformer: NLLB's layout and keys, per-layer counts, checkpoint round trips."""
 
 import argparse
+from dataclasses import fields
 
 import pytest
 import torch
 from fairseq import checkpoint_utils
 from fairseq.models import ARCH_CONFIG_REGISTRY
 
-from fairseq_moe_prune.layout import MoEConfigError, moe_layers
-from fairseq_moe_prune.models.moe_transformer import MoETransformerModel
+from fairseq_moe_prune.layout import MOE_CONFIG_FIELDS, MoEConfigError, moe_layers
+from fairseq_moe_prune.models.moe_transformer import MoEConfig, MoETransformerModel
 from tests.helpers import build_tiny_model, logits, random_batch, save_like_trainer
 
 
@@ -16,6 +17,11 @@ def nllb_args(**overrides) -> argparse.Namespace:
     args = argparse.Namespace(**overrides)
     ARCH_CONFIG_REGISTRY["transformer_24_24_big"](args)
     return args
+
+
+def test_layout_names_every_field_of_moe_config_in_order():
+    """One list of our config fields (layout.py, read by extract without the model) and MoEConfig agree."""
+    assert MOE_CONFIG_FIELDS == tuple(f.name for f in fields(MoEConfig) if f.name != "_name")
 
 
 def test_nllb_layout_has_1536_experts_in_layers_3_7_11_15_19_23():
