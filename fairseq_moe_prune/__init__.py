@@ -17,6 +17,8 @@ import os
 import sys
 from typing import Optional
 
+from fairseq_moe_prune.errors import install_excepthook
+
 __version__ = "0.1.0"
 USER_DIR = os.path.dirname(os.path.abspath(__file__))  # the folder to pass to fairseq's --user-dir
 
@@ -37,9 +39,9 @@ logging.getLogger("fairseq.tasks.text_to_speech").addFilter(NoTensorboardNotice(
 
 def register() -> None:
     """Register the model, tasks and criterion with fairseq and guard its checkpoint loading."""
+    # registration order: these import torch and fairseq, which wait until fairseq is imported (see above)
     from fairseq_moe_prune.checkpoints import placed
     from fairseq_moe_prune.checkpoints.safe_load import guard_fairseq_loading, install_allowlist
-    from fairseq_moe_prune.errors import install_excepthook
 
     install_allowlist()
     guard_fairseq_loading(placed.load_if_placed)  # offloaded or placed experts, sharded releases

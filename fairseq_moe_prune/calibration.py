@@ -211,6 +211,7 @@ def save(calibration: Calibration, path: str) -> None:
 
 
 def load_file(path: str) -> Calibration:
+    # optional extra: safetensors comes with the hf extra (writing needs none: safetensors_bytes)
     from safetensors import SafetensorError, safe_open
 
     try:

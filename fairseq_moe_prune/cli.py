@@ -9,7 +9,9 @@ import sys
 from typing import List, Optional
 
 from fairseq_moe_prune import USER_DIR, stats
+from fairseq_moe_prune.checkpoints import FORMATS
 from fairseq_moe_prune.errors import FairseqMoEPruneError
+from fairseq_moe_prune.ranking import GRANULARITIES, METRICS, SELECTIONS
 
 
 class Terminated(BaseException):
@@ -27,10 +29,10 @@ def cmd_user_dir(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     """Print the MoE layout of a checkpoint (or Hugging Face model folder), read safely and without building the model."""
-    from fairseq_moe_prune.checkpoints.layouts import describe_checkpoint
+    from fairseq_moe_prune.checkpoints.layouts import describe_checkpoint  # start-up speed: torch
 
     if os.path.isdir(args.checkpoint):
-        from fairseq_moe_prune.checkpoints.hf import describe_hf
+        from fairseq_moe_prune.checkpoints.hf import describe_hf  # start-up speed: torch
 
         print(describe_hf(args.checkpoint))
     else:
@@ -50,7 +52,7 @@ def cmd_stats_show(args: argparse.Namespace) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> None:
     """Write checkpoints with the least useful experts removed (one per direction, pair or globally)."""
-    from fairseq_moe_prune.pruning import PruneOptions, prune
+    from fairseq_moe_prune.pruning import PruneOptions, prune  # start-up speed: torch, which help and stats never load
 
     options = PruneOptions(
         metric=args.metric, granularity=args.granularity, selection=args.selection,
@@ -71,7 +73,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     """Convert a checkpoint between NLLB's sharded layout, one fairseq file and Hugging Face's NllbMoe."""
-    from fairseq_moe_prune.checkpoints.convert import convert
+    from fairseq_moe_prune.checkpoints.convert import convert  # start-up speed: torch
 
     paths = convert(args.input, args.output, args.to, source_format=args.source_format, fp16=args.fp16,
                     force=args.force, max_shard_size=args.max_shard_size)
@@ -80,7 +82,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def cmd_extract(args: argparse.Namespace) -> None:
     """Write each task's sub-network of a task-routed MoE, its experts folded into dense FFNs."""
-    from fairseq_moe_prune.checkpoints.extract import extract
+    from fairseq_moe_prune.checkpoints.extract import extract  # start-up speed: torch
 
     manifest = extract(args.checkpoint, args.out, [t for t in args.task.split(",") if t],
                        per_layer=args.per_layer_widths, fp16=args.fp16, force=args.force)
@@ -112,9 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("file", help="a statistics file")
     show.add_argument("--top", type=int, default=5, help="experts to list at each end")
     show.set_defaults(run=cmd_stats_show)
-
-    from fairseq_moe_prune.checkpoints import FORMATS
-    from fairseq_moe_prune.ranking import GRANULARITIES, METRICS, SELECTIONS
 
     prune = commands.add_parser("prune", help=cmd_prune.__doc__)
     prune.add_argument("checkpoint", help="a checkpoint file, or X-shared.pt of an expert-sharded one")

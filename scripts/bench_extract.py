@@ -95,7 +95,7 @@ def main() -> None:
              "--out", str(extracted), "--force"])
 
     torch.set_num_threads(1)
-    from fairseq_moe_prune.evaluation import Translator
+    from fairseq_moe_prune.evaluation import Translator  # start-up speed: fairseq only after the training children ran
 
     logging.getLogger().setLevel(logging.WARNING)  # fairseq and hydra log every dataset load
     warnings.filterwarnings("ignore", category=UserWarning)

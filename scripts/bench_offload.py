@@ -81,7 +81,7 @@ def generate(data: Path, checkpoint: Path, overrides: str) -> Tuple[float, int]:
 def profile(checkpoint: Path, cache: int, device: str, batches: int) -> None:
     """Teacher-forced forwards of random batches, resident vs offloaded, in this process: time, copies, the time
     the copies would take alone, hence the share of copy time hidden behind compute; peak GPU memory."""
-    import torch
+    import torch  # start-up speed: only --profile needs torch here; the other timings run in child processes
 
     import fairseq_moe_prune  # noqa: F401  (registers the model and our loading)
     from fairseq import checkpoint_utils

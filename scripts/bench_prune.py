@@ -110,6 +110,7 @@ def build_data_and_model(work: Path, ffn: int) -> None:
 
 def build_model(data: Path, out: Path, ffn: int) -> Tuple[Path, Path]:
     """A random NLLB-shaped model saved as one file and in NLLB's sharded layout."""
+    # start-up speed: only building the model needs torch and fairseq; the timed runs are child processes
     import torch
     from fairseq import options, tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf

@@ -82,6 +82,7 @@ def main() -> None:
         if not path.exists():
             sys.exit(f"error: {path} does not exist (run the main job, or give --checkpoint, --data, --calibration)")
 
+    # start-up speed: after the arguments and paths are checked, so a mistake costs no torch import
     import sacrebleu
 
     from fairseq_moe_prune.pruning import PruneOptions, prune

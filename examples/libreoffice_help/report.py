@@ -184,7 +184,7 @@ def plot_task_routing(usage: Dict[str, dict], path: Path) -> None:
 def task_moe_section(task_moe: dict, work: Path, references: Dict[str, List[str]] | None = None,
                      workers: int = 1) -> List[str]:
     """Token-MoE vs task-MoE vs its extracted sub-networks vs the token-MoE pruned to the same size."""
-    from task_moe import EXTRACTED, MODELS, TOKEN, TASK, mean_over
+    from task_moe import EXTRACTED, MODELS, TOKEN, TASK, mean_over  # only a task-MoE section needs task_moe (extract, layouts)
 
     plot_task_routing(task_moe["usage"], work / "task_routing.png")
     models = task_moe["models"]
@@ -235,7 +235,7 @@ def task_moe_section(task_moe: dict, work: Path, references: Dict[str, List[str]
 
 def task_interval(task_moe: dict, references: Dict[str, List[str]] | None, workers: int) -> str:
     """task-MoE minus token-MoE chrF++ with its 95% paired-bootstrap interval, where hypotheses were kept."""
-    from task_moe import TASK, TOKEN
+    from task_moe import TASK, TOKEN  # only a task-MoE section needs task_moe (extract, layouts)
 
     models = task_moe["models"]
     runs = {name: {"directions": models[name]["directions"]} for name in (TASK, TOKEN)}

@@ -403,7 +403,7 @@ def curve_points(model: Path, train_log: Path) -> List[tuple]:
 
 def binarized_count(prefix: Path) -> int:
     """Sentences in a fairseq binary (the raw training text is not carried to a GPU machine)."""
-    from fairseq.data.indexed_dataset import MMapIndexedDataset
+    from fairseq.data.indexed_dataset import MMapIndexedDataset  # start-up speed: fairseq only when counting
 
     return len(MMapIndexedDataset.Index(str(prefix) + ".idx"))
 
@@ -419,7 +419,7 @@ def task_moe_comparison(work: Path, data: Path, preset: Dict[str, object], check
                         langs: str, beam: int, ratio: str, device: Sequence[str] = ()) -> dict:
     """Train the task-level MoE (same data, updates and batch size as the token-MoE), extract its
     sub-networks and translate the test sets with four models side by side (task_moe.py)."""
-    from task_moe import TaskComparison, summary
+    from task_moe import TaskComparison, summary  # start-up speed: torch and fairseq only when this step runs
 
     task_checkpoint = train(work, data, preset, "task_model", TASK_TRAIN_FLAGS, device)
     log("  trained the task-MoE")

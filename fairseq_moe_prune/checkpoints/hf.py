@@ -129,7 +129,7 @@ def rename(key: str, to: str) -> Optional[str]:
 
 def transformers_module() -> Any:
     try:
-        import transformers
+        import transformers  # optional extra (hf)
     except ImportError:
         raise CheckpointError("Hugging Face checkpoints need transformers: pip install 'fairseq-moe-prune[hf]'") from None
     return transformers
@@ -275,6 +275,7 @@ def fairseq_state(values: Mapping[str, Any]) -> Dict[str, Any]:
     fairseq's own parser gives every field a stock fairseq expects (architecture ``moe_transformer``,
     task ``translation``) from a fixed command line; the model's values are then set on that config.
     """
+    # start-up speed: fairseq (seconds) loads only where an HF model becomes a fairseq checkpoint
     from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from omegaconf import OmegaConf
@@ -478,6 +479,7 @@ def write_hf(checkpoint: CheckpointView, folder: str, fp16: bool = False, max_sh
 
     One shard is in memory at a time.
     """
+    # optional extra (hf): safetensors
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 

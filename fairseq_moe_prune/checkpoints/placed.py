@@ -18,6 +18,10 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional
 
+from fairseq.checkpoint_utils import _upgrade_state_dict
+from fairseq.dataclass.utils import overwrite_args_by_name
+from omegaconf import DictConfig, OmegaConf, open_dict
+
 from fairseq_moe_prune.checkpoints.layouts import (
     SHARED_SUFFIX,
     MoECheckpoint,
@@ -43,10 +47,6 @@ def loads_here(path: str, arg_overrides: Optional[Mapping[str, Any]]) -> bool:
 
 def apply_overrides(state: Dict[str, Any], arg_overrides: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     """fairseq's ``load_checkpoint_to_cpu`` after its ``torch.load``: overrides into the config, then upgrade."""
-    from fairseq.checkpoint_utils import _upgrade_state_dict
-    from fairseq.dataclass.utils import overwrite_args_by_name
-    from omegaconf import DictConfig, OmegaConf, open_dict
-
     if state.get("args") is not None and arg_overrides is not None:
         for name, value in arg_overrides.items():
             setattr(state["args"], name, value)

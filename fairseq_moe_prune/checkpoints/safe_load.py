@@ -24,8 +24,8 @@ import tarfile
 import zipfile
 from typing import IO, Any, Callable, Dict, List, Optional, Set
 
-# torch is imported inside the functions that use it: the console script's stats commands import
-# this module for CheckpointError alone and need no torch.
+import torch
+from torch import _weights_only_unpickler
 
 from fairseq_moe_prune.checkpoints.zip_records import ZipRecordsError, read_directory, read_record
 from fairseq_moe_prune.errors import FairseqMoEPruneError
@@ -58,15 +58,11 @@ def refusal_reason(error: BaseException) -> str:
 
 
 def install_allowlist() -> None:
-    import torch
-
     torch.serialization.add_safe_globals(SAFE_GLOBALS)
 
 
 def allowed_globals() -> Set[str]:
     """Names (``module.qualname``) that torch's weights-only unpickler accepts, ours included."""
-    from torch import _weights_only_unpickler
-
     install_allowlist()
     return set(_weights_only_unpickler._get_allowed_globals()) | set(_weights_only_unpickler._get_user_allowed_globals())
 
@@ -200,8 +196,6 @@ def load_checkpoint(path: str, mmap: bool = True, meta: bool = False) -> Dict[st
     With ``meta`` only the pickle is read: tensors come on the meta device, and each one's storage
     carries ``_checkpoint_offset``, where its bytes start in the file.
     """
-    import torch
-
     check_checkpoint(path)
     try:
         if meta:
@@ -228,6 +222,7 @@ def guard_fairseq_loading(load_elsewhere: Optional[Callable[[str, Any], Optional
     None for the others, which fairseq's own function then loads: this module decides only whether bytes may
     be unpickled, never where experts go.
     """
+    # start-up speed: called by the registration, once fairseq is imported; prune and convert load without fairseq
     from fairseq import checkpoint_utils
 
     original: Callable = checkpoint_utils.load_checkpoint_to_cpu

@@ -70,7 +70,7 @@ class SafetensorsFile(Mapping[str, Tensor]):
     """The tensors of a safetensors file, each read when asked for (the file is never read whole)."""
 
     def __init__(self, path: str):
-        from safetensors import SafetensorError, safe_open
+        from safetensors import SafetensorError, safe_open  # optional extra (hf): HF shards only
 
         self.path = path
         try:
@@ -81,7 +81,7 @@ class SafetensorsFile(Mapping[str, Tensor]):
 
     def source_tensors(self) -> Dict[str, SourceTensor]:
         """A :class:`SourceTensor` for each tensor, in the file's order; only the header is read."""
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError  # optional extra (hf), as above
 
         entries = {}
         try:

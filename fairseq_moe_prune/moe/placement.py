@@ -134,7 +134,7 @@ def building_context(options: PlacementOptions):
     if options.resident:
         return contextlib.nullcontext()
     try:
-        from accelerate import init_empty_weights
+        from accelerate import init_empty_weights  # optional extra (offload)
     except ImportError:
         raise PlacementError("expert offload and placement need Hugging Face accelerate: "
                              "pip install 'fairseq-moe-prune[offload]'") from None
@@ -166,7 +166,7 @@ def load_host_experts(container: nn.ModuleList, state_dict, prefix: str, error_m
     """Make each expert tensor of ``state_dict`` an offloaded expert's weight as it is: no copy (it stays
     memory-mapped when the checkpoint was), the checkpoint's dtype. The state dict entry becomes the
     parameter itself, so that the default copy that follows is a no-op."""
-    from accelerate.utils import set_module_tensor_to_device
+    from accelerate.utils import set_module_tensor_to_device  # optional extra (offload)
 
     for j, expert in enumerate(container):
         for name, parameter in list(expert.named_parameters()):
