@@ -23,7 +23,9 @@ setup(
         "test": ["pytest"],
         # conversion to and from Hugging Face's NllbMoe; transformers 5.x routes NllbMoe tokens to the
         # wrong experts (see fairseq_moe_prune/checkpoints/hf.py)
-        "hf": ["transformers>=4.30,<5", "safetensors"],
+        "hf": ["transformers>=4.30,<5", "safetensors", "protobuf"],  # protobuf: reading the SentencePiece model
+        # CTranslate2 (int8 on CPUs) for extracted sub-networks, through their M2M100 form
+        "deploy": ["ctranslate2>=4.5"],
         # experts offloaded to host memory or placed over devices (fairseq_moe_prune/moe/placement.py)
         "offload": ["accelerate>=0.26"],
         # the main job's report plots (examples/libreoffice_help)

@@ -76,7 +76,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from fairseq_moe_prune.checkpoints.convert import convert  # start-up speed: torch
 
     paths = convert(args.input, args.output, args.to, source_format=args.source_format, fp16=args.fp16,
-                    force=args.force, max_shard_size=args.max_shard_size)
+                    force=args.force, max_shard_size=args.max_shard_size, dict_path=args.dict, spm_path=args.spm,
+                    direction=args.direction)
     print(f"wrote {args.output}" + (f" ({len(paths)} files)" if len(paths) > 1 else ""))
 
 
@@ -85,7 +86,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
     from fairseq_moe_prune.checkpoints.extract import extract  # start-up speed: torch
 
     manifest = extract(args.checkpoint, args.out, [t for t in args.task.split(",") if t],
-                       per_layer=args.per_layer_widths, fp16=args.fp16, force=args.force)
+                       per_layer=args.per_layer_widths, fp16=args.fp16, force=args.force, namespace=args.namespace_config)
     for task, output in manifest["outputs"].items():
         loads = "needs --user-dir" if output["user_dir_needed"] else "stock fairseq, no --user-dir"
         print(f"{args.out}/{output['file']}: {output['arch']} ({loads}), "
@@ -165,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", required=True, choices=FORMATS, help="format of OUT")
     convert.add_argument("--fp16", action="store_true", help="store weights in half precision")
     convert.add_argument("--max-shard-size", default="5GB", help="largest safetensors file for --to hf (default 5GB)")
+    convert.add_argument("--dict", help="--to hf of a dense model (M2M100): the fairseq dictionary it was trained "
+                         "with (the data folder's dict.txt; the task's language tokens are added as fairseq adds them)")
+    convert.add_argument("--spm", help="--to hf of a dense model: the SentencePiece model, for a tokenizer that gives "
+                         "fairseq's token ids and language tokens")
+    convert.add_argument("--direction", help="--to hf of a dense model: SRC-TGT it translates, where the checkpoint "
+                         "does not name it (extract's sub-networks do)")
     convert.add_argument("--force", action="store_true", help="replace OUT if it exists")
     convert.set_defaults(run=cmd_convert)
 
@@ -178,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "padding every FFN of a side to one width (a plain fairseq transformer where no MoE "
                               "layer is left)")
     extract.add_argument("--fp16", action="store_true", help="store weights in half precision")
+    extract.add_argument("--namespace-config", action="store_true",
+                         help="store a plain transformer's model config as argparse.Namespace, as fairseq-train does, "
+                              "for tools that read checkpoints themselves (ct2-fairseq-converter); torch >= 2.6 then "
+                              "loads it only with this plugin's --user-dir (default: a dict, which stock fairseq loads)")
     extract.add_argument("--force", action="store_true", help="replace --out if it exists")
     extract.set_defaults(run=cmd_extract)
     return parser

@@ -9,7 +9,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # Already installed (the versions below, this checkout installed editable, torchaudio gone)? Then nothing to do.
 if python - "$PWD" >/dev/null 2>&1 <<'CHECK'
 import importlib.metadata, importlib.util, json, pathlib, sys
-import accelerate, fairseq, matplotlib, pytest, torch, transformers
+import accelerate, ctranslate2, fairseq, google.protobuf, matplotlib, pytest, torch, transformers
 assert torch.__version__.split("+")[0] == "2.13.0" and transformers.__version__.startswith("4.")
 assert importlib.metadata.version("fairseq-fixed") == "0.12.3.1"
 assert importlib.util.find_spec("torchaudio") is None
@@ -23,6 +23,6 @@ fi
 python -m pip install -q torch==2.13.0
 python -m pip install -q "numpy>=1.21.3" cython ninja
 MAX_JOBS=2 python -m pip install -q --no-build-isolation fairseq-fixed==0.12.3.1
-python -m pip install -q --no-build-isolation -e ".[test,hf,examples,offload]"
+python -m pip install -q --no-build-isolation -e ".[test,hf,examples,offload,deploy]"
 # fairseq-fixed pulls in a torchaudio that does not match torch; transformers imports it when present
 python -m pip uninstall -q -y torchaudio 2>/dev/null || true

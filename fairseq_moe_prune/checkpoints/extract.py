@@ -186,6 +186,14 @@ def plain_state(state: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def name_direction(state: Dict[str, Any], source: Optional[str], target: str) -> None:
+    """The sub-network serves one task: its task config names it (``convert --to hf`` reads it; fairseq-generate
+    takes its own -s/-t)."""
+    task = (state.get("cfg") or {}).get("task")
+    if isinstance(task, dict):
+        state["cfg"] = dict(state["cfg"], task=dict(task, source_lang=source, target_lang=target))
+
+
 @dataclass
 class Extracted:
     pruned: CheckpointView
@@ -195,11 +203,15 @@ class Extracted:
     zero_padding: int  # parameters added as zero units to reach one FFN width per side
 
 
-def extract_task(checkpoint: MoECheckpoint, source: Optional[str], target: str, per_layer: bool = False) -> Extracted:
+def extract_task(checkpoint: MoECheckpoint, source: Optional[str], target: str, per_layer: bool = False,
+                 namespace: bool = False) -> Extracted:
     """The sub-network of one task: task-routed layers folded, token-routed ones kept whole.
 
     Padded (default): each side's FFNs padded to one width, a plain ``transformer`` where no MoE layer is
     left. ``per_layer``: each layer keeps its own width (``{side}_ffn_dims``, this plugin's model).
+    ``namespace``: the plain ``transformer``'s model config is an ``argparse.Namespace``, as fairseq-train
+    writes it, for tools that read checkpoints themselves (CTranslate2's fairseq converter); torch >= 2.6
+    then loads it only where Namespace is allowed (this plugin's --user-dir), so the default is a dict.
     """
     config = checkpoint.config
     space = TaskSpace.from_config(config)
@@ -279,8 +291,10 @@ def extract_task(checkpoint: MoECheckpoint, source: Optional[str], target: str, 
         form = "moe_transformer"
     else:
         state = plain_state(checkpoint.state)
-        state["cfg"]["model"] = dense_config(config, side_width)
+        values = dense_config(config, side_width)
+        state["cfg"]["model"] = argparse.Namespace(**values) if namespace else values
         form = "transformer"
+    name_direction(state, source, target)
     return Extracted(CheckpointView(state, model), form, folds, widths, int(zero_padding))
 
 
@@ -300,7 +314,7 @@ def check_encoder_langtok(checkpoint: MoECheckpoint) -> None:
 
 
 def extract(checkpoint_path: str, out_dir: str, tasks: List[str], per_layer: bool = False, fp16: bool = False,
-            force: bool = False) -> Dict[str, Any]:
+            force: bool = False, namespace: bool = False) -> Dict[str, Any]:
     """Write one checkpoint per task (``LANG`` or ``SRC-TGT``) into ``out_dir`` (created whole, or not at all)."""
     check_output(out_dir, checkpoint_files(checkpoint_path), force)
     checkpoint = open_checkpoint(checkpoint_path)
@@ -321,7 +335,7 @@ def extract(checkpoint_path: str, out_dir: str, tasks: List[str], per_layer: boo
     manifest: Dict[str, Any] = {"source_checkpoint": os.path.abspath(checkpoint_path), "outputs": {}}
     with staged_directory(out_dir, force) as staging:
         for task, (source, target) in parsed.items():
-            extracted = extract_task(checkpoint, source, target, per_layer)
+            extracted = extract_task(checkpoint, source, target, per_layer, namespace)
             save_single(extracted.pruned, os.path.join(staging, f"{task}.pt"), fp16)
             parameters = sum(int(torch.Size(t.shape).numel()) for t in extracted.pruned.model.values())
             manifest["outputs"][task] = {

@@ -135,11 +135,26 @@ def transformers_module() -> Any:
     return transformers
 
 
-def hf_config(config: Any, vocab_size: int, dtype: torch.dtype) -> Any:
-    """The ``NllbMoeConfig`` of a fairseq model config, or a one-line error for what HF cannot express."""
+def shared_form_problem(config: Any) -> Optional[str]:
+    """What neither of HF's NLLB classes (NllbMoe, M2M100) can hold in a fairseq config, as the end of a
+    sentence naming the class, or None."""
     refused = [name for name in NOT_IN_HF if config_value(config, name)]
     if refused:
-        raise CheckpointError(f"Hugging Face's NllbMoe has no equivalent of --{refused[0].replace('_', '-')}")
+        return f"has no equivalent of --{refused[0].replace('_', '-')}"
+    dim = config_value(config, "encoder_embed_dim")
+    for name in ("decoder_embed_dim", "decoder_output_dim", "decoder_input_dim"):
+        if config_value(config, name, dim) != dim:
+            return f"has one model width; {name} is not {dim}"
+    if config_value(config, "activation_fn", "relu") not in ACTIVATIONS:
+        return f"has no activation {str(config_value(config, 'activation_fn'))[:20]} (only {', '.join(ACTIVATIONS)})"
+    return None
+
+
+def hf_config(config: Any, vocab_size: int, dtype: torch.dtype) -> Any:
+    """The ``NllbMoeConfig`` of a fairseq model config, or a one-line error for what HF cannot express."""
+    problem = shared_form_problem(config)
+    if problem:
+        raise CheckpointError(f"Hugging Face's NllbMoe {problem}")
     if str(config_value(config, "moe_task_routing", "none")) != "none":
         raise CheckpointError("Hugging Face's NllbMoe routes by token; this model routes by task "
                               "(fairseq-moe-prune extract writes its sub-networks as plain fairseq transformers)")
@@ -152,12 +167,6 @@ def hf_config(config: Any, vocab_size: int, dtype: torch.dtype) -> Any:
         if not config_value(config, name, False):
             raise CheckpointError(f"Hugging Face's NllbMoe needs --{name.replace('_', '-')} (pre-norm layers and "
                                   "one embedding shared by encoder, decoder and output)")
-    dim = config_value(config, "encoder_embed_dim")
-    for name in ("decoder_embed_dim", "decoder_output_dim", "decoder_input_dim"):
-        if config_value(config, name, dim) != dim:
-            raise CheckpointError(f"Hugging Face's NllbMoe has one model width; {name} is not {dim}")
-    if config_value(config, "activation_fn", "relu") not in ACTIVATIONS:
-        raise CheckpointError(f"activation {config_value(config, 'activation_fn')} is not one of {', '.join(ACTIVATIONS)}")
     counts = {spec.num_experts for spec in moe_layers(config)}
     if len(counts) != 1:
         raise CheckpointError(f"Hugging Face's NllbMoe has one expert count for all MoE layers; this model has "
@@ -479,10 +488,6 @@ def write_hf(checkpoint: CheckpointView, folder: str, fp16: bool = False, max_sh
 
     One shard is in memory at a time.
     """
-    # optional extra (hf): safetensors
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     dtype = torch.float16 if fp16 else None
     embedding = checkpoint.model["encoder.embed_tokens.weight"]
     config = hf_config(model_config(checkpoint.state), embedding.shape[0], dtype or embedding.dtype)
@@ -496,6 +501,15 @@ def write_hf(checkpoint: CheckpointView, folder: str, fp16: bool = False, max_sh
         model[name] = entry
     config.save_pretrained(folder)
     transformers_module().GenerationConfig.from_model_config(config).save_pretrained(folder)
+    write_safetensors(model, folder, checkpoint.records, dtype, max_shard_size)
+
+
+def write_safetensors(model: Mapping[str, Entry], folder: str, records: Any, dtype: Optional[torch.dtype],
+                      max_shard_size: str) -> None:
+    """HF-named weights into ``folder`` as ``model.safetensors`` or shards with their index, one shard in memory."""
+    # optional extra (hf): safetensors
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
 
     shards = plan_shards(model, parse_size(max_shard_size), dtype)
     names = [WEIGHTS_NAME] if len(shards) == 1 else [f"model-{n:05d}-of-{len(shards):05d}.safetensors"
@@ -503,7 +517,7 @@ def write_hf(checkpoint: CheckpointView, folder: str, fp16: bool = False, max_sh
     weight_map: Dict[str, str] = {}
     total = 0
     for name, keys in zip(names, shards):
-        tensors = {key: cast_to_store(tensor, dtype) for key, tensor in materialize({k: model[k] for k in keys}, checkpoint.records).items()}
+        tensors = {key: cast_to_store(tensor, dtype) for key, tensor in materialize({k: model[k] for k in keys}, records).items()}
         try:
             save_file(tensors, os.path.join(folder, name), metadata={"format": "pt"})
         except SafetensorError as error:  # a full disk, say: safetensors reports the OSError as its own error
@@ -516,4 +530,3 @@ def write_hf(checkpoint: CheckpointView, folder: str, fp16: bool = False, max_sh
         with open(os.path.join(folder, INDEX_NAME), "w", encoding="utf-8") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
             f.write("\n")
-

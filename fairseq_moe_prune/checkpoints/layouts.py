@@ -135,8 +135,9 @@ def expert_tensors(weights: Mapping[str, Tensor], prefix: str, expert: int, path
     return tensors
 
 
-def open_checkpoint(path: str) -> MoECheckpoint:
-    """Open a single-file checkpoint or, given ``X-shared.pt``, an expert-sharded one."""
+def open_checkpoint(path: str, dense: bool = False) -> MoECheckpoint:
+    """Open a single-file checkpoint or, given ``X-shared.pt``, an expert-sharded one; a model without MoE
+    layers only where ``dense`` allows it (conversion)."""
     ranks = rank_paths(path) if path.endswith(SHARED_SUFFIX) else None
     state, records = load_mapped(path, read_ahead=ranks is not None)  # a shared part is written whole
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
@@ -147,7 +148,7 @@ def open_checkpoint(path: str) -> MoECheckpoint:
         raise CheckpointError(f"{path}: {error}") from None
     except (ValueError, TypeError):  # a config field of the wrong type
         raise CheckpointError(f"{path}: the model config's MoE fields are not numbers") from None
-    if not specs:
+    if not specs and not (dense and ranks is None):
         raise CheckpointError(f"{path}: the model has no MoE layers")
     check_gates(path, state["model"], specs)
     return MoECheckpoint(path, state, specs, ranks, records)
