@@ -55,10 +55,11 @@ def test_main_job_ci_preset(tmp_path):
     for name in ("quality_vs_pruning.png", "size_vs_quality.png", "expert_usage.png"):
         assert (sweep / name).read_bytes().startswith(PNG)
 
-    # the task-MoE beside the token-MoE: four models scored on every direction, routing pictured
+    # the task-MoE beside the token-MoE: four models scored on every direction, routing pictured, and the
+    # sub-networks again in CTranslate2 int8 (through their M2M100 form)
     task_moe = json.loads((work / "task_moe" / "task_moe.json").read_text())
     assert sorted(task_moe["models"]) == sorted(["token-MoE", "token-MoE pruned per language", "task-MoE",
-                                                 "task-MoE sub-network"])
+                                                 "task-MoE sub-network", "task-MoE sub-network, CTranslate2 int8"])
     for model in task_moe["models"].values():
         assert sorted(model["directions"]) == sorted(PAIRS) and model["sentences_per_second"] > 0
     sizes = {name: model["directions"]["eng_Latn-deu_Latn"]["parameters"] for name, model in task_moe["models"].items()}
@@ -67,7 +68,9 @@ def test_main_job_ci_preset(tmp_path):
         assert task_moe["models"]["token-MoE"]["directions"][direction]["chrf++"] == scores["chrf++"]
     assert "## Task-level MoE and its extracted sub-networks" in report
     assert (sweep / "task_routing.png").read_bytes().startswith(PNG)
-    assert not list((work / "task_moe").rglob("*.pt"))
+    assert not list((work / "task_moe").rglob("*.pt")) and not (work / "task_moe" / "deploy").exists()
+    served = [task_moe["models"][name]["directions"] for name in ("task-MoE sub-network", "task-MoE sub-network, CTranslate2 int8")]
+    assert abs(sum(d["chrf++"] for d in served[0].values()) - sum(d["chrf++"] for d in served[1].values())) / len(PAIRS) <= 1.0
 
 
 def test_a_bad_ratio_is_refused_before_any_work(tmp_path):

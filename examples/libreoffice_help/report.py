@@ -184,20 +184,24 @@ def plot_task_routing(usage: Dict[str, dict], path: Path) -> None:
 def task_moe_section(task_moe: dict, work: Path, references: Dict[str, List[str]] | None = None,
                      workers: int = 1) -> List[str]:
     """Token-MoE vs task-MoE vs its extracted sub-networks vs the token-MoE pruned to the same size."""
-    from task_moe import EXTRACTED, MODELS, TOKEN, TASK, mean_over  # only a task-MoE section needs task_moe (extract, layouts)
+    from task_moe import CT2, EXTRACTED, MODELS, TOKEN, TASK, mean_over  # only a task-MoE section needs task_moe (extract, layouts)
 
     plot_task_routing(task_moe["usage"], work / "task_routing.png")
     models = task_moe["models"]
+    shown = MODELS + ((CT2,) if CT2 in models else ())
     speed = models[TOKEN]["sentences_per_second"]
     lines = [
         "## Task-level MoE and its extracted sub-networks",
-        "All four translate every test set in the same two worker processes (one thread each), the same batch "
-        "settings, in an order rotated per direction; sentences/s is generation time only (no loading).",
+        "All four fairseq models translate every test set in the same two worker processes (one thread each), the "
+        "same batch settings, in an order rotated per direction; sentences/s is generation time only (no loading). "
+        "The last row: the same sub-networks written as Hugging Face M2M100 and converted to CTranslate2 int8 by "
+        "CTranslate2's converter, in the same workers, one thread each, same beam and length limits (tokenizing "
+        "included).",
         "",
         "| model | parameters that run (M) | chrF++ | BLEU | sentences/s | speed vs token-MoE |",
         "|---|---|---|---|---|---|",
     ]
-    for name in MODELS:
+    for name in shown:
         model = models[name]
         lines.append(f"| {name} | {mean_over(model, 'parameters') / 1e6:.2f} | {mean_over(model, 'chrf++'):.2f} | "
                      f"{mean_over(model, 'bleu'):.2f} | {model['sentences_per_second']:.1f} | "
@@ -215,6 +219,11 @@ def task_moe_section(task_moe: dict, work: Path, references: Dict[str, List[str]
                      f"token-MoE {models[TOKEN]['single_sentences_per_second']:.2f} sentences/s, sub-network "
                      f"{models[EXTRACTED]['single_sentences_per_second']:.2f}: {single:.2f}x (goal >= 1.9x: "
                      f"{'met' if single >= 1.9 else 'NOT met'}).")
+    if CT2 in models:
+        served = models[CT2]["sentences_per_second"] / models[EXTRACTED]["sentences_per_second"]
+        lines.append(f"- CTranslate2 int8 / the sub-network in fairseq: {served:.2f}x sentences/s, chrF++ "
+                     f"{mean_over(models[CT2], 'chrf++') - mean_over(models[EXTRACTED], 'chrf++'):+.2f} "
+                     "(scripts/bench_deploy.py compares the engines at 2 threads, each batched as it runs best).")
     lines += [
         f"- chrF++, task-MoE - token-MoE: {task_interval(task_moe, references, workers) or f'{gain:+.2f}'} (the paper: "
         "+1.0 BLEU on WMT with 32 experts).",
@@ -224,12 +233,12 @@ def task_moe_section(task_moe: dict, work: Path, references: Dict[str, List[str]
         "",
         "![task routing](task_routing.png)",
         "",
-        "| direction | " + " | ".join(MODELS) + " |",
-        "|---|" + "---|" * len(MODELS),
+        "| direction | " + " | ".join(shown) + " |",
+        "|---|" + "---|" * len(shown),
     ]
     for direction in models[TOKEN]["directions"]:
         lines.append(f"| {direction} | " + " | ".join(f"{models[name]['directions'][direction]['chrf++']:.2f}"
-                                                      for name in MODELS) + " |")
+                                                      for name in shown) + " |")
     return lines + [""]
 
 

@@ -324,10 +324,19 @@ def record_every_direction(work: Path, data: Path, checkpoint: Path, langs: str,
         list(pool.map(one, directions(langs)))
 
 
-def references(data: Path, direction: str) -> List[str]:
+def test_side(data: Path, direction: str, side: int) -> List[str]:
+    """The direction's test sentences (side 0) or references (side 1), as prepared (raw/)."""
     src, tgt = split_pair(direction)
     pair = f"{ENGLISH}-{tgt}" if src == ENGLISH else f"{ENGLISH}-{src}"
-    return (data / "raw" / f"test.{pair}.{tgt}").read_text(encoding="utf-8").splitlines()
+    return (data / "raw" / f"test.{pair}.{(src, tgt)[side]}").read_text(encoding="utf-8").splitlines()
+
+
+def sources(data: Path, direction: str) -> List[str]:
+    return test_side(data, direction, 0)
+
+
+def references(data: Path, direction: str) -> List[str]:
+    return test_side(data, direction, 1)
 
 
 def trained_for(work: Path, preset: Dict[str, object], device: Sequence[str]) -> str:
@@ -426,7 +435,7 @@ def task_moe_comparison(work: Path, data: Path, preset: Dict[str, object], check
     generate = generation_args("test", beam, int(setting(preset, "gen_max_tokens")))  # type: ignore[call-overload]
     comparison = TaskComparison(work / "task_moe", checkpoint, task_checkpoint, statistics,
                                 [*task_args(data, langs), *generate, *device], directions(langs),
-                                lambda d: references(data, d), ratio, log)
+                                lambda d: (sources(data, d), references(data, d)), ratio, log, data, beam)
     results = comparison.run()
     log("  " + summary(results))
     return results

@@ -4,8 +4,11 @@ The task-MoE routes both sides by task (encoder by source language, decoder by t
 each direction's sub-network extracts to a plain dense fairseq ``transformer``. Four models translate
 every test set, side by side in the same worker processes with the same batch settings, in an order
 rotated per direction: the token-MoE, the token-MoE pruned per language to the sub-network's size (2
-experts per MoE layer, importance), the task-MoE, and the extracted task-MoE sub-networks. Results go
-to ``task_moe.json`` after the run; checkpoints written here are deleted once scored.
+experts per MoE layer, importance), the task-MoE, and the extracted task-MoE sub-networks. The sub-networks
+then also run where dense NLLB models are served: written as Hugging Face M2M100 (``convert --to hf``) and
+converted to CTranslate2 int8 by CTranslate2's own converter, they translate the same test sets in the same
+worker processes, one thread each, the same beam and length limits. Results go to ``task_moe.json`` after
+the run; checkpoints written here are deleted once scored.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -22,8 +26,10 @@ import numpy as np
 import torch
 from sweep import SINGLE, quiet, score
 
+from fairseq_moe_prune.checkpoints.convert import convert
 from fairseq_moe_prune.checkpoints.extract import extract, task_fold
 from fairseq_moe_prune.checkpoints.layouts import open_checkpoint
+from fairseq_moe_prune.deploy import CTranslate2Engine, Output, to_ctranslate2
 from fairseq_moe_prune.evaluation import Translation, Translator
 from fairseq_moe_prune.files import atomic_open
 from fairseq_moe_prune.models.task_routing import TaskSpace
@@ -35,6 +41,7 @@ from fairseq_moe_prune.stats import split_pair
 GENERATE_FLAGS = ["--lang-tok-replacing-bos-eos"]
 TOKEN, PRUNED, TASK, EXTRACTED = "token-MoE", "token-MoE pruned per language", "task-MoE", "task-MoE sub-network"
 MODELS = (TOKEN, PRUNED, TASK, EXTRACTED)
+CT2 = "task-MoE sub-network, CTranslate2 int8"  # the same sub-networks, outside fairseq
 
 _translators: Dict[str, Translator] = {}  # per worker process: "token" and "task" data formats, "-single" alike
 
@@ -52,6 +59,13 @@ def translate_direction(direction: str, runs: Sequence[Tuple[str, str, str]]) ->
     """Each (model name, checkpoint, data format) translates the direction's test set, in the given order."""
     source, target = split_pair(direction)
     return {name: _translators[kind].translate(checkpoint, source, target) for name, checkpoint, kind in runs}
+
+
+def translate_ctranslate2(hf_folder: str, ct2_folder: str, sentences: List[str], beam: int,
+                          max_len_a: float, max_len_b: int) -> Output:
+    """One direction's test set through its CTranslate2 int8 sub-network, one thread (as the fairseq models)."""
+    return CTranslate2Engine(hf_folder, ct2_folder, threads=1).translate(sentences, beam, max_len_a=max_len_a,
+                                                                         max_len_b=max_len_b)
 
 
 def task_routing_usage(checkpoint: str) -> Dict[str, Tuple[List[str], np.ndarray]]:
@@ -78,12 +92,29 @@ class TaskComparison:
     """Extracts, prunes to the same size, translates side by side, keeps the scores and speeds."""
 
     def __init__(self, work: Path, token_checkpoint: Path, task_checkpoint: Path, statistics: Path,
-                 generate_args: Sequence[str], directions: Sequence[str], references: Callable[[str], List[str]],
-                 ratio: str, log: Callable[[str], None], workers: int = 2):
+                 generate_args: Sequence[str], directions: Sequence[str], test_set: Callable[[str], Tuple[List[str], List[str]]],
+                 ratio: str, log: Callable[[str], None], data: Path, beam: int, workers: int = 2):
+        """``test_set(direction)``: its sources and references; ``data``: the data folder (bin/dict.txt and
+        spm.model, for the sub-networks' M2M100 form); ``beam``: the beam of ``generate_args``."""
         self.work, self.token_checkpoint, self.task_checkpoint = work, token_checkpoint, task_checkpoint
         self.statistics, self.generate_args, self.directions = statistics, list(generate_args), list(directions)
-        self.references, self.ratio, self.log, self.workers = references, ratio, log, workers
+        self.test_set, self.ratio, self.log, self.workers = test_set, ratio, log, workers
+        self.data, self.beam = data, beam
+        self.references: Callable[[str], List[str]] = lambda direction: test_set(direction)[1]
         self.results_path = work / "task_moe.json"
+
+    def deploy(self, extracted: dict) -> Dict[str, Tuple[str, str]]:
+        """Each direction's sub-network as M2M100 and as CTranslate2 int8: {direction: (hf folder, ct2 folder)}."""
+        folders = {}
+        for direction in self.directions:
+            hf, ct2 = self.work / "deploy" / direction / "hf", self.work / "deploy" / direction / "ct2-int8"
+            if not ct2.exists():
+                convert(str(self.work / "extracted" / extracted["outputs"][direction]["file"]), str(hf), "hf",
+                        force=True, dict_path=str(self.data / "bin" / "dict.txt"),
+                        spm_path=str(self.data / "spm.model"))
+                to_ctranslate2(str(hf), str(ct2), "int8")
+            folders[direction] = (str(hf), str(ct2))
+        return folders
 
     def run(self) -> dict:
         if self.results_path.exists():
@@ -96,8 +127,9 @@ class TaskComparison:
                                directions=self.directions)
         pruned = prune(str(self.token_checkpoint), str(self.work / "pruned"), options,
                        stats_path=str(self.statistics), force=True)
-        self.log(f"  extracted {len(extracted['outputs'])} sub-networks, pruned the token-MoE to 2 experts per "
-                 f"layer ({time.monotonic() - start:.0f} s)")
+        deployed = self.deploy(extracted)
+        self.log(f"  extracted {len(extracted['outputs'])} sub-networks (and wrote them as M2M100 and CTranslate2 "
+                 f"int8), pruned the token-MoE to 2 experts per layer ({time.monotonic() - start:.0f} s)")
 
         runs = {}
         for direction in self.directions:
@@ -121,6 +153,11 @@ class TaskComparison:
                                        (runs[d][0], runs[d][3])][:: 1 if i % 2 == 0 else -1])
                        for i, d in enumerate(timed)}
             alone = {d: job.result() for d, job in singles.items()}
+            # the sub-networks in CTranslate2 int8, with fairseq-generate's length limits
+            limits = [float(self.generate_args[self.generate_args.index(flag) + 1]) for flag in ("--max-len-a", "--max-len-b")]
+            served = {d: pool.submit(translate_ctranslate2, *deployed[d], self.test_set(d)[0], self.beam, limits[0],
+                                     int(limits[1])) for d in self.directions}
+            ctranslate2_outputs = {d: job.result() for d, job in served.items()}
 
         results: dict = {"models": {}, "usage": {}}
         for name in MODELS:
@@ -139,6 +176,15 @@ class TaskComparison:
                 results["models"][name]["single_sentences_per_second"] = round(
                     sum(alone[d][name].sentences for d in alone) / sum(alone[d][name].seconds for d in alone), 3)
                 results["models"][name]["single_directions"] = list(alone)
+        directions = {}
+        for direction, output in ctranslate2_outputs.items():
+            directions[direction] = {
+                **score(output.hypotheses, self.references(direction), split_pair(direction)[1]),
+                "sentences": len(output.hypotheses), "seconds": round(output.seconds, 3),
+                "parameters": results["models"][EXTRACTED]["directions"][direction]["parameters"],
+                "hypotheses": output.hypotheses}
+        results["models"][CT2] = {"directions": directions, "sentences_per_second": round(
+            sum(d["sentences"] for d in directions.values()) / sum(d["seconds"] for d in directions.values()), 2)}
         first = extracted["outputs"][self.directions[0]]
         results["extracted_zero_padding"] = first["zero_padding_parameters"]
         results["extracted_arch"] = first["arch"]
@@ -149,6 +195,7 @@ class TaskComparison:
         for folder in ("extracted", "pruned"):  # keep the manifests, not the checkpoints
             for file in (self.work / folder).glob("*.pt"):
                 os.unlink(file)
+        shutil.rmtree(self.work / "deploy")
         self.log(f"  translated {len(self.directions)} directions with 4 models side by side "
                  f"({time.monotonic() - start:.0f} s)")
         return results
@@ -162,5 +209,5 @@ def summary(results: dict) -> str:
     """One line for the log."""
     models = results["models"]
     return ", ".join(f"{name} chrF++ {mean_over(models[name], 'chrf++'):.2f} "
-                     f"({models[name]['sentences_per_second']:.1f} sent/s)" for name in MODELS)
+                     f"({models[name]['sentences_per_second']:.1f} sent/s)" for name in MODELS + (CT2,) if name in models)
 

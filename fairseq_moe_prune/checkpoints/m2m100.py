@@ -282,8 +282,8 @@ def write_tokenizer(folder: str, spm_path: str, dictionary: Dictionary, rule: Co
             return dictionary.unk()
 
         def decoder(self, replacement: str, add_prefix_space: bool) -> Any:
-            return decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(),
-                                      decoders.Metaspace(replacement=replacement, prepend_scheme="always")])
+            return decoders.Sequence([decoders.Replace(replacement, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                      decoders.Strip(" ", 1, 0)])
 
         def post_processor(self) -> Any:
             specials = sorted({token for token in rule.source_template if token != "$A"})
