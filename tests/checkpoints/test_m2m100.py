@@ -43,6 +43,8 @@ def prenorm_task_moe(corpus, tmp_path_factory) -> Path:
     return save_dir / "checkpoint_last.pt"
 
 
+# README: "Serving a sub-network with Hugging Face or CTranslate2" block (convert --to hf --dict --spm,
+# ct2-transformers-converter --quantization int8)
 @pytest.fixture(scope="module")
 def deployed(corpus, prenorm_task_moe, tmp_path_factory):
     """The eng->deu sub-network, its M2M100 folder (README's deployment block) and CTranslate2 models."""
