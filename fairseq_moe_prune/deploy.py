@@ -124,7 +124,8 @@ class CTranslate2Engine(Engine):
         extra = 1 if self.target_prefix else 0  # the forced target language token
         results = self.translator.translate_batch(
             tokens, target_prefix=[self.target_prefix] * len(tokens) if self.target_prefix else None, beam_size=beam,
-            max_decoding_length=max(limits, default=1) + extra, max_batch_size=self.batch_sentences)
+            max_decoding_length=max(limits, default=1) + extra, min_decoding_length=1 + extra,  # fairseq's --min-len 1
+            max_batch_size=self.batch_sentences)
         special = set(self.tokenizer.all_special_tokens)
         hypotheses = [self.tokenizer.convert_tokens_to_string([t for t in result.hypotheses[0][:limit + extra]
                                                                if t not in special])

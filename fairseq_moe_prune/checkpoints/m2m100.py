@@ -254,13 +254,13 @@ def m2m100_config(config: Any, vocab: int, widths: Mapping[str, int], ids: Mappi
 
 def generation_config(config: Any) -> Any:
     """fairseq-generate's search in HF's terms: beam 4 (NLLB's), scores normalised by length, stop once 4
-    hypotheses end, no </s> as the first free token (fairseq's --min-len 1), never <pad>, and at most 200
+    hypotheses end, no </s> as the first token (fairseq's --min-len 1), never <pad>, and at most 200
     tokens before a forced </s> (fairseq's default --max-len-b)."""
     return transformers_module().GenerationConfig(
         decoder_start_token_id=config.decoder_start_token_id, forced_bos_token_id=config.forced_bos_token_id,
         bos_token_id=SPECIAL_IDS["bos_token_id"], pad_token_id=SPECIAL_IDS["pad_token_id"],
         eos_token_id=SPECIAL_IDS["eos_token_id"], num_beams=4, early_stopping=True, length_penalty=1.0,
-        max_new_tokens=MAX_LENGTH + 1, forced_eos_token_id=SPECIAL_IDS["eos_token_id"], min_new_tokens=1 if config.forced_bos_token_id is None else 2,
+        max_new_tokens=MAX_LENGTH + 1, forced_eos_token_id=SPECIAL_IDS["eos_token_id"], min_new_tokens=1,
         suppress_tokens=[SPECIAL_IDS["pad_token_id"]])
 
 
@@ -296,10 +296,11 @@ def write_tokenizer(folder: str, spm_path: str, dictionary: Dictionary, rule: Co
 
     try:
         with quiet_hydra():  # the byte-fallback warning does not apply: handled above
-            if Converter(Original()).proto.trainer_spec.model_type != 1:
+            converter = Converter(Original())
+            if converter.proto.trainer_spec.model_type != 1:
                 raise M2M100Error(f"{spm_path}: only unigram SentencePiece models get a tokenizer here "
                                   "(write the model without --spm)")
-            backend = Converter(Original()).converted()
+            backend = converter.converted()
     except M2M100Error:
         raise
     except Exception as error:  # protobuf's DecodeError and friends: the file is not a SentencePiece model

@@ -141,13 +141,17 @@ def test_ctranslate2_float32_and_int8_translate_as_fairseq(corpus, deployed):
     assert abs(chrf["ct2-int8"] - chrf["fairseq"]) <= 0.5, chrf
 
 
-def test_stock_ctranslate2_fairseq_converter_reads_our_checkpoints(corpus, trained, prenorm_task_moe, tmp_path):
-    """CTranslate2's own fairseq converter reads what we write: a trained or pruned MoE (its Namespace config,
-    allowed by our --user-dir) up to its refusal of MoE models, and a sub-network extracted with
-    --namespace-config up to its refusal of --lang-tok-replacing-bos-eos, the flag the task-MoE needs."""
+def test_stock_ctranslate2_fairseq_converter_reads_our_checkpoints(corpus, trained, recorded_test_set, prenorm_task_moe,
+                                                                   tmp_path):
+    """CTranslate2's own fairseq converter reads what we write: a pruned MoE (its config a Namespace, as
+    fairseq-train writes it, allowed by our --user-dir) up to its refusal of MoE models, and a sub-network
+    extracted with --namespace-config up to its refusal of --lang-tok-replacing-bos-eos, the task-MoE's flag."""
+    run_cli([*CLI, "prune", str(trained), "--stats", str(recorded_test_set / f"{SOURCE}-{TARGET}.json"),
+             "--out", str(tmp_path / "pruned"), "--granularity", "global", "--prune-fraction", "0.5", "--ratio", "1:1"])
     common = ["--data_dir", str(corpus / "bin"), "--user_dir", USER_DIR, "--output_dir", str(tmp_path / "ct2")]
-    result = run_cli(["ct2-fairseq-converter", "--model_path", str(trained), *common], check=False)
-    assert "Model 'moe_transformer' used by architecture 'moe_transformer_toy' is not supported" in result.stderr
+    result = run_cli(["ct2-fairseq-converter", "--model_path", str(tmp_path / "pruned" / "global.pt"), *common], check=False)
+    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith(  # then a set, in any order
+        "- Model 'moe_transformer' used by architecture 'moe_transformer_toy' is not supported (supported models are:")
     run_cli([*CLI, "extract", str(prenorm_task_moe), "--task", f"{SOURCE}-{TARGET}", "--out", str(tmp_path / "sub"),
              "--namespace-config"])
     result = run_cli(["ct2-fairseq-converter", "--model_path", str(tmp_path / "sub" / f"{SOURCE}-{TARGET}.pt"),
