@@ -5,7 +5,7 @@
 # extensions build against that torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PIP_DISABLE_PIP_VERSION_CHECK=1
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore  # no third-party notices in the main job's output
 # Already installed (the versions below, this checkout installed editable, torchaudio gone)? Then nothing to do.
 if python - "$PWD" >/dev/null 2>&1 <<'CHECK'
 import importlib.metadata, importlib.util, json, pathlib, sys
