@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -79,6 +80,12 @@ def cmd_convert(args: argparse.Namespace) -> None:
                     force=args.force, max_shard_size=args.max_shard_size, dict_path=args.dict, spm_path=args.spm,
                     direction=args.direction)
     print(f"wrote {args.output}" + (f" ({len(paths)} files)" if len(paths) > 1 else ""))
+    summary = os.path.join(args.output, "conversion.json")
+    if os.path.isfile(summary):  # a dense model written as M2M100: what it became
+        with open(summary, encoding="utf-8") as f:
+            done = json.load(f)
+        print(f"  M2M100: {done['convention']}; FFN widths {done['ffn_widths']['encoder']}/{done['ffn_widths']['decoder']}, "
+              f"{done['zero_units_dropped']} zero units dropped; " + ("with" if done["tokenizer"] else "no") + " tokenizer")
 
 
 def cmd_extract(args: argparse.Namespace) -> None:

@@ -16,8 +16,8 @@ The language-token convention the model was trained with goes into the files, no
 fairseq's vocabulary is its dictionary (``dict.txt`` plus the language tokens the task adds), not the
 SentencePiece model's order: the tokenizer maps SentencePiece pieces to dictionary ids as fairseq does.
 FFN units whose output weights are all zero (the padding ``extract`` adds to reach one width per side)
-are dropped, keeping each side's width the widest layer's count of real units: exact, since such a
-unit adds ``act(.) * 0``.
+are moved last and each side is cut to its widest layer's count of real units: exact, since such a unit
+adds ``act(.) * 0``. An extracted sub-network's widest layers are its folded ones, so its padding stays.
 """
 
 from __future__ import annotations
