@@ -15,6 +15,7 @@ setup(
         "fairseq==0.12.2; python_version < '3.11'",
         "torch>=2.6",
         "sentencepiece",
+        "safetensors",  # calibration samples (reading them: prune --metric reconstruction)
         "sacrebleu>=2.0",
         "omegaconf",
         "numpy>=1.21.3",
@@ -23,7 +24,7 @@ setup(
         "test": ["pytest"],
         # conversion to and from Hugging Face's NllbMoe; transformers 5.x routes NllbMoe tokens to the
         # wrong experts (see fairseq_moe_prune/checkpoints/hf.py)
-        "hf": ["transformers>=4.30,<5", "safetensors", "protobuf"],  # protobuf: reading the SentencePiece model
+        "hf": ["transformers>=4.30,<5", "protobuf"],  # protobuf: reading the SentencePiece model
         # CTranslate2 (int8 on CPUs) for extracted sub-networks, through their M2M100 form
         "deploy": ["ctranslate2>=4.5"],
         # experts offloaded to host memory or placed over devices (fairseq_moe_prune/moe/placement.py)

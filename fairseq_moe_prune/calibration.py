@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from fairseq_moe_prune.files import WrittenAtExit, atomic_open, is_regular_file, make_folder, regular_files
@@ -211,9 +212,6 @@ def save(calibration: Calibration, path: str) -> None:
 
 
 def load_file(path: str) -> Calibration:
-    # optional extra: safetensors comes with the hf extra (writing needs none: safetensors_bytes)
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}

@@ -24,6 +24,8 @@ import warnings
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from fairseq_moe_prune import USER_DIR
 from fairseq_moe_prune.checkpoints.layouts import model_config
@@ -507,10 +509,6 @@ def write_hf(checkpoint: CheckpointView, folder: str, fp16: bool = False, max_sh
 def write_safetensors(model: Mapping[str, Entry], folder: str, records: Any, dtype: Optional[torch.dtype],
                       max_shard_size: str) -> None:
     """HF-named weights into ``folder`` as ``model.safetensors`` or shards with their index, one shard in memory."""
-    # optional extra (hf): safetensors
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     shards = plan_shards(model, parse_size(max_shard_size), dtype)
     names = [WEIGHTS_NAME] if len(shards) == 1 else [f"model-{n:05d}-of-{len(shards):05d}.safetensors"
                                                       for n in range(1, len(shards) + 1)]

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Union
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from fairseq_moe_prune.checkpoints import pickle_index
@@ -70,8 +71,6 @@ class SafetensorsFile(Mapping[str, Tensor]):
     """The tensors of a safetensors file, each read when asked for (the file is never read whole)."""
 
     def __init__(self, path: str):
-        from safetensors import SafetensorError, safe_open  # optional extra (hf): HF shards only
-
         self.path = path
         try:
             self._file = safe_open(path, framework="pt")
@@ -81,8 +80,6 @@ class SafetensorsFile(Mapping[str, Tensor]):
 
     def source_tensors(self) -> Dict[str, SourceTensor]:
         """A :class:`SourceTensor` for each tensor, in the file's order; only the header is read."""
-        from safetensors import SafetensorError  # optional extra (hf), as above
-
         entries = {}
         try:
             for key in self._file.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
