@@ -22,6 +22,7 @@ import torch
 
 from fairseq_moe_prune import cli
 from fairseq_moe_prune.checkpoints.convert import convert
+from fairseq_moe_prune.checkpoints import hf as hf_writer
 from fairseq_moe_prune.checkpoints.hf import INDEX_NAME
 from tests.helpers import import_extra, tiny_checkpoint_with_stats, tiny_hf_model
 
@@ -153,7 +154,7 @@ def full_disk(monkeypatch, error):
             f.write(b"\0" * 100)
         raise error
 
-    monkeypatch.setattr(safetensors_torch, "save_file", save_file)
+    monkeypatch.setattr(hf_writer, "save_file", save_file)  # the name the HF writer calls
 
 
 def failing_rename(monkeypatch):
