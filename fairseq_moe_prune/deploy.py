@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from fairseq_moe_prune.errors import FairseqMoEPruneError
+from fairseq_moe_prune.files import open_regular
 
 
 class DeployError(FairseqMoEPruneError):
@@ -54,36 +55,22 @@ def to_ctranslate2(hf_folder: str, out: str, quantization: str = "int8") -> str:
 
 
 class Engine:
-    """The tokenizer and language-token convention of an M2M100 folder; ``translate`` is the engine's."""
+    """The tokenizer and language-token convention of an M2M100 folder, which both engines translate with."""
 
     def __init__(self, hf_folder: str, threads: int):
         # optional extra (hf): transformers
         import transformers
 
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(hf_folder)
-        with open(os.path.join(hf_folder, "generation_config.json"), encoding="utf-8") as f:
+        with open_regular(os.path.join(hf_folder, "generation_config.json")) as f:
             generation = json.load(f)
         forced = generation.get("forced_bos_token_id")
         self.target_prefix: Optional[List[str]] = [self.tokenizer.convert_ids_to_tokens(forced)] if forced is not None else None
         self.threads = threads
 
-    def translate(self, sentences: Sequence[str], beam: int, max_tokens: int = 4000, max_len_a: float = 0.0,
-                  max_len_b: int = 200) -> Output:
-        start = time.perf_counter()
-        encoded = [self.tokenizer(text)["input_ids"] for text in sentences]
-        hypotheses: List[Optional[str]] = [None] * len(sentences)
-        for batch in batches([len(ids) for ids in encoded], max_tokens):
-            limit = int(max_len_a * len(encoded[batch[0]]) + max_len_b)
-            for i, text in zip(batch, self.batch([encoded[i] for i in batch], beam, limit)):
-                hypotheses[i] = text
-        return Output([text or "" for text in hypotheses], time.perf_counter() - start)
-
-    def batch(self, encoded: List[List[int]], beam: int, limit: int) -> List[str]:
-        raise NotImplementedError
-
 
 class HFEngine(Engine):
-    """``M2M100ForConditionalGeneration.generate`` with the folder's generation config."""
+    """``M2M100ForConditionalGeneration.generate`` with the folder's generation config, in fairseq's batches."""
 
     def __init__(self, hf_folder: str, threads: int):
         super().__init__(hf_folder, threads)
@@ -92,13 +79,21 @@ class HFEngine(Engine):
 
         self.model = transformers.M2M100ForConditionalGeneration.from_pretrained(hf_folder).eval()
 
-    def batch(self, encoded: List[List[int]], beam: int, limit: int) -> List[str]:
+    def translate(self, sentences: Sequence[str], beam: int, max_tokens: int = 4000, max_len_a: float = 0.0,
+                  max_len_b: int = 200) -> Output:
         torch.set_num_threads(self.threads)
-        inputs = self.tokenizer.pad({"input_ids": encoded}, return_tensors="pt")
+        start = time.perf_counter()
+        encoded = [self.tokenizer(text)["input_ids"] for text in sentences]
+        hypotheses: List[str] = [""] * len(sentences)
         extra = 1 if self.target_prefix else 0  # the forced target language token is not a hypothesis token
-        with torch.no_grad():
-            generated = self.model.generate(**inputs, num_beams=beam, max_new_tokens=limit + 1 + extra)
-        return self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        for batch in batches([len(ids) for ids in encoded], max_tokens):
+            limit = int(max_len_a * len(encoded[batch[0]]) + max_len_b)
+            inputs = self.tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
+            with torch.no_grad():
+                generated = self.model.generate(**inputs, num_beams=beam, max_new_tokens=limit + 1 + extra)
+            for i, text in zip(batch, self.tokenizer.batch_decode(generated, skip_special_tokens=True)):
+                hypotheses[i] = text
+        return Output(hypotheses, time.perf_counter() - start)
 
 
 class CTranslate2Engine(Engine):

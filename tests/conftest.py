@@ -32,6 +32,11 @@ def multilingual_args(corpus: Path, task: str = "translation_multi_simple_epoch"
             "--lang-pairs", ",".join(PAIRS), "--encoder-langtok", "src", "--decoder-langtok"]
 
 
+def task_moe_args(corpus: Path) -> List[str]:
+    """NLLB's flags plus the target language token as the decoder's first input (task routing needs it)."""
+    return [*multilingual_args(corpus), "--lang-tok-replacing-bos-eos"]
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("corpus")

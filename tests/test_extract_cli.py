@@ -10,22 +10,17 @@ import torch
 
 from fairseq_moe_prune import cli
 from fairseq_moe_prune.checkpoints.safe_load import load_checkpoint
-from tests.conftest import multilingual_args, run_cli
+from tests.conftest import run_cli, task_moe_args
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "fairseq_moe_prune.cli"]
-
-
-def task_args(corpus):
-    """NLLB's flags plus the target language token as the decoder's first input (task routing needs it)."""
-    return [*multilingual_args(corpus), "--lang-tok-replacing-bos-eos"]
 
 
 @pytest.fixture(scope="module")
 def task_trained(corpus, tmp_path_factory) -> Path:
     """A tiny task-MoE: both MoE layers route by task (encoder by source, decoder by target language)."""
     save_dir = tmp_path_factory.mktemp("task_model")
-    run_cli(["fairseq-train", *task_args(corpus), "--arch", "moe_transformer_toy", "--share-all-embeddings",
+    run_cli(["fairseq-train", *task_moe_args(corpus), "--arch", "moe_transformer_toy", "--share-all-embeddings",
              "--moe-task-routing", "both", "--moe-task", "target",
              "--criterion", "moe_label_smoothed_cross_entropy", "--moe-gate-loss-wt", "0.01",
              "--label-smoothing", "0.1", "--optimizer", "adam", "--lr", "0.003", "--lr-scheduler", "inverse_sqrt",
@@ -36,7 +31,7 @@ def task_trained(corpus, tmp_path_factory) -> Path:
 
 def generate(corpus, checkpoint, user_dir=True, source="eng_Latn", target="deu_Latn"):
     """{sentence id: (hypothesis, score, positional scores)} of fairseq-generate, beam 4, padded batches of 7."""
-    args = task_args(corpus)
+    args = task_moe_args(corpus)
     if not user_dir:
         at = args.index("--user-dir")
         args = args[:at] + args[at + 2:]
@@ -125,7 +120,7 @@ def test_extract_refuses_in_one_line(case, message, trained, pair_routed, tmp_pa
 @pytest.mark.slow
 def test_skipping_betas_on_task_routed_layers_are_refused_in_one_line(corpus, task_trained):
     """Dynamic skipping acts on token routing: a task-MoE given betas says so instead of ignoring them."""
-    result = run_cli(["fairseq-generate", *task_args(corpus), "--path", str(task_trained), "--source-lang", "eng_Latn",
+    result = run_cli(["fairseq-generate", *task_moe_args(corpus), "--path", str(task_trained), "--source-lang", "eng_Latn",
                       "--target-lang", "deu_Latn", "--gen-subset", "test", "--beam", "2",
                       "--model-overrides", "{'moe_skip_betas': '0.3,0'}"], check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr

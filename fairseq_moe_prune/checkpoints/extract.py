@@ -28,7 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fairseq_moe_prune.checkpoints.layouts import MoECheckpoint, checkpoint_files, is_expert_key, open_checkpoint
+from fairseq_moe_prune.checkpoints.layouts import (
+    MoECheckpoint,
+    checkpoint_files,
+    is_expert_key,
+    open_checkpoint,
+    task_config,
+)
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError
 from fairseq_moe_prune.checkpoints.streaming import Entry, materialize
 from fairseq_moe_prune.checkpoints.surgery import CheckpointView, save_single
@@ -302,11 +308,8 @@ def check_encoder_langtok(checkpoint: MoECheckpoint) -> None:
     """Folding reads a sentence's source language as the task of its encoder and of a decoder routed by pair,
     as the model does with ``--encoder-langtok src`` (the source language token in every source). A model
     trained with ``tgt`` sees the target language there instead: refused rather than folded wrongly."""
-    state = checkpoint.state
-    task_config = (state.get("cfg") or {}).get("task") if state.get("cfg") is not None else None
-    if task_config is None:
-        task_config = state.get("args")
-    langtok = config_value(task_config, "encoder_langtok") if task_config is not None else None
+    task = task_config(checkpoint.state)
+    langtok = config_value(task, "encoder_langtok") if task is not None else None
     needs_source = routes_by_task(checkpoint.config, "encoder") or TaskSpace.from_config(checkpoint.config).task == "pair"
     if needs_source and langtok is not None and str(langtok) != "src":
         raise ExtractError(f"{checkpoint.path}: the model was trained with --encoder-langtok {str(langtok)[:20]}, so "

@@ -109,24 +109,34 @@ MAX_POSITIONS = 1 << 16  # NLLB's is 1024
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
-def _pattern(template: str) -> re.Pattern:
+def key_pattern(template: str) -> re.Pattern:
+    """A weight-name template of the tables (``{side}.layers.{i}...``) as a pattern naming its placeholders."""
     parts = re.split(r"\{(\w+)\}", template)  # literal, name, literal, name, ...
     return re.compile("".join(re.escape(part) if n % 2 == 0 else f"(?P<{part}>{PLACEHOLDERS[part]})"
                               for n, part in enumerate(parts)))
 
 
-# per target format: (pattern of the other format's name, template of this format's name)
-_RENAMES = {"hf": [(_pattern(fairseq), hf) for fairseq, hf in KEY_TABLE],
-            "fairseq": [(_pattern(hf), fairseq) for fairseq, hf in KEY_TABLE]}
+def renames(table: List[Tuple[str, str]]) -> List[Tuple[re.Pattern, str]]:
+    """(pattern of the first column, template of the second) for each row of a key table."""
+    return [(key_pattern(source), target) for source, target in table]
 
 
-def rename(key: str, to: str) -> Optional[str]:
-    """A weight's name in the ``to`` format ("hf" or "fairseq"), or None when the table has no row for it."""
-    for pattern, template in _RENAMES[to]:
+def rename_by(rules: List[Tuple[re.Pattern, str]], key: str) -> Optional[str]:
+    """``key`` renamed by the first rule whose pattern it matches, or None."""
+    for pattern, template in rules:
         match = pattern.fullmatch(key)
         if match:
             return template.format(**match.groupdict())
     return None
+
+
+# per target format: (pattern of the other format's name, template of this format's name)
+_RENAMES = {"hf": renames(KEY_TABLE), "fairseq": renames([(hf, fairseq) for fairseq, hf in KEY_TABLE])}
+
+
+def rename(key: str, to: str) -> Optional[str]:
+    """A weight's name in the ``to`` format ("hf" or "fairseq"), or None when the table has no row for it."""
+    return rename_by(_RENAMES[to], key)
 
 
 def transformers_module() -> Any:

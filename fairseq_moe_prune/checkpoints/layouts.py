@@ -39,6 +39,13 @@ def model_config(state: Mapping[str, Any]) -> Any:
     raise CheckpointError("the checkpoint holds no model config (neither cfg.model nor args)")
 
 
+def task_config(state: Mapping[str, Any]) -> Any:
+    """The task config of a fairseq checkpoint: ``cfg.task`` (current) or ``args`` (old); None without either."""
+    cfg = state.get("cfg")
+    task = cfg.get("task") if isinstance(cfg, Mapping) else None
+    return task if task is not None else state.get("args")
+
+
 def is_expert_key(key: str) -> bool:
     return split_expert_key(key) is not None
 

@@ -33,8 +33,15 @@ import torch
 from fairseq.data import Dictionary
 from fairseq.data.multilingual.multilingual_utils import augment_dictionary, get_lang_tok
 
-from fairseq_moe_prune.checkpoints.hf import quiet_hydra, shared_form_problem, transformers_module, write_safetensors
-from fairseq_moe_prune.checkpoints.layouts import model_config
+from fairseq_moe_prune.checkpoints.hf import (
+    quiet_hydra,
+    rename_by,
+    renames,
+    shared_form_problem,
+    transformers_module,
+    write_safetensors,
+)
+from fairseq_moe_prune.checkpoints.layouts import model_config, task_config
 from fairseq_moe_prune.checkpoints.safe_load import CheckpointError, first_line
 from fairseq_moe_prune.checkpoints.streaming import Entry, materialize
 from fairseq_moe_prune.checkpoints.surgery import CheckpointView
@@ -48,14 +55,18 @@ SPECIAL_TOKENS = {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>",
 SPM_NAME = "sentencepiece.model"
 MAX_LENGTH = 200  # fairseq-generate's default --max-len-b
 
-# fairseq name -> M2M100 name ({side}, {i} and the rest of the name carried over)
-KEY_TABLE: List[Tuple[re.Pattern, str]] = [
-    (re.compile(r"encoder\.embed_tokens\.weight"), "model.shared.weight"),
-    (re.compile(r"(?P<side>encoder|decoder)\.layers\.(?P<i>\d+)\.(?P<rest>(self_attn|encoder_attn)\.(k|v|q|out)_proj\."
-                r"(weight|bias)|(self_attn|encoder_attn|final)_layer_norm\.(weight|bias)|fc[12]\.(weight|bias))"),
-     "model.{side}.layers.{i}.{rest}"),
-    (re.compile(r"(?P<side>encoder|decoder)\.layer_norm\.(?P<rest>weight|bias)"), "model.{side}.layer_norm.{rest}"),
+# fairseq name -> M2M100 name, in hf.py's template form (its placeholders)
+KEY_TABLE: List[Tuple[str, str]] = [
+    ("encoder.embed_tokens.weight", "model.shared.weight"),
+    ("{side}.layers.{i}.self_attn.{proj}.{p}", "model.{side}.layers.{i}.self_attn.{proj}.{p}"),
+    ("{side}.layers.{i}.self_attn_layer_norm.{p}", "model.{side}.layers.{i}.self_attn_layer_norm.{p}"),
+    ("decoder.layers.{i}.encoder_attn.{proj}.{p}", "model.decoder.layers.{i}.encoder_attn.{proj}.{p}"),
+    ("decoder.layers.{i}.encoder_attn_layer_norm.{p}", "model.decoder.layers.{i}.encoder_attn_layer_norm.{p}"),
+    ("{side}.layers.{i}.{fc}.{p}", "model.{side}.layers.{i}.{fc}.{p}"),
+    ("{side}.layers.{i}.final_layer_norm.{p}", "model.{side}.layers.{i}.final_layer_norm.{p}"),
+    ("{side}.layer_norm.{p}", "model.{side}.layer_norm.{p}"),
 ]
+RENAMES = renames(KEY_TABLE)
 # tied to model.shared, or buffers M2M100 computes itself
 SKIPPED = re.compile(r"^(decoder\.embed_tokens\.weight|decoder\.output_projection\.weight|"
                      r"(encoder|decoder)\.(version|embed_positions\._float_tensor))$")
@@ -76,12 +87,6 @@ class Convention:
     def describe(self) -> str:
         forced = f", then {self.forced_bos} forced" if self.forced_bos else ""
         return f"source {' '.join(self.source_template)}; decoder starts from {self.decoder_start}{forced}"
-
-
-def task_config(state: Mapping[str, Any]) -> Any:
-    cfg = state.get("cfg")
-    task = cfg.get("task") if isinstance(cfg, Mapping) else None
-    return task if task is not None else state.get("args")
 
 
 def task_value(task: Any, name: str, default: Any = None) -> Any:
@@ -130,15 +135,15 @@ def task_languages(task: Any) -> Optional[List[str]]:
     return [language(lang, "an entry of the task's langs") for lang in langs]
 
 
-def vocabulary(dict_path: str, task: Any, rows: int) -> Tuple[Dictionary, str]:
-    """fairseq's dictionary as the task builds it: ``dict.txt`` and the language tokens; ``rows`` must match."""
+def vocabulary(dict_path: str, task: Any, langs: Optional[List[str]], rows: int) -> Tuple[Dictionary, str]:
+    """fairseq's dictionary as the task builds it: ``dict.txt`` and the tokens of ``langs`` (the task's, from
+    :func:`task_languages`); ``rows`` must match."""
     dictionary = Dictionary()
     try:
         with open_regular(dict_path) as f:
             dictionary.add_from_file(f)
     except (ValueError, RuntimeError, UnicodeDecodeError) as error:
         raise M2M100Error(f"{dict_path}: not a fairseq dictionary ({first_line(error)[:120]})") from None
-    langs = task_languages(task)
     style = task_value(task, "lang_tok_style", "multilingual")
     if style not in LANG_TOK_STYLES:
         raise M2M100Error(f"the task's lang_tok_style {repr(style)[:30]} is not one of {', '.join(LANG_TOK_STYLES)}")
@@ -153,7 +158,7 @@ def vocabulary(dict_path: str, task: Any, rows: int) -> Tuple[Dictionary, str]:
     return dictionary, style
 
 
-def convention(task: Any, style: str, direction: Optional[str]) -> Convention:
+def convention(task: Any, langs: Optional[List[str]], style: str, direction: Optional[str]) -> Convention:
     """The source layout and the decoder's first tokens for ``direction`` (SRC-TGT), as the task places them."""
     encoder_langtok = task_value(task, "encoder_langtok")
     decoder_langtok = bool(task_value(task, "decoder_langtok", False))
@@ -168,7 +173,6 @@ def convention(task: Any, style: str, direction: Optional[str]) -> Convention:
         source, target = direction.split("-", 1) if "-" in direction else (None, None)
         if source is None:
             raise M2M100Error(f"--direction {direction[:40]}: not SRC-TGT")
-    langs = task_languages(task)
     for lang in (source, target):
         if lang is not None and langs is not None and language(lang, "the direction's language") not in langs:
             shown = ", ".join(langs[:8]) + (", ..." if len(langs) > 8 else "")
@@ -193,21 +197,13 @@ def ffn_units(model: Mapping[str, Entry], records: Any, layer: str) -> Tuple[Dic
             "fc2.weight": ffn["fc2.weight"][:, order]}, int(real.sum())
 
 
-def rename(key: str) -> Optional[str]:
-    for pattern, template in KEY_TABLE:
-        match = pattern.fullmatch(key)
-        if match:
-            return template.format(**match.groupdict())
-    return None
-
-
 def m2m100_weights(checkpoint: CheckpointView, config: Any) -> Tuple[Dict[str, Entry], Dict[str, int], int]:
     """M2M100-named weights, each side's FFNs cut to the widest layer's real units; the widths, units dropped."""
     model: Dict[str, Entry] = {}
     for key, entry in checkpoint.model.items():
         if SKIPPED.match(key):
             continue
-        name = rename(key)
+        name = rename_by(RENAMES, key)
         if name is None:
             raise M2M100Error(f"{key} has no counterpart in Hugging Face's M2M100")
         model[name] = entry
@@ -264,8 +260,10 @@ def generation_config(config: Any) -> Any:
         suppress_tokens=[SPECIAL_IDS["pad_token_id"]])
 
 
-def write_tokenizer(folder: str, spm_path: str, dictionary: Dictionary, rule: Convention, languages: List[str]) -> None:
-    """The SentencePiece model and a fast tokenizer over fairseq's dictionary ids with the source layout."""
+def write_tokenizer(folder: str, spm_path: str, dictionary: Dictionary, rule: Convention,
+                    language_tokens: List[str]) -> None:
+    """The SentencePiece model and a fast tokenizer over fairseq's dictionary ids with the source layout;
+    ``language_tokens`` (in the dictionary, from the task's langs) are special."""
     transformers = transformers_module()
     # optional extra (hf): tokenizers comes with transformers; SpmConverter reads SentencePiece's protobuf
     from tokenizers import decoders, processors
@@ -305,7 +303,6 @@ def write_tokenizer(folder: str, spm_path: str, dictionary: Dictionary, rule: Co
         raise
     except Exception as error:  # protobuf's DecodeError and friends: the file is not a SentencePiece model
         raise M2M100Error(f"{spm_path}: not a SentencePiece model ({first_line(error)[:120]})") from None
-    language_tokens = [symbol for symbol in dictionary.symbols if symbol in languages]
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, additional_special_tokens=language_tokens,
                                                      model_max_length=MAX_LENGTH * 5,
                                                      model_input_names=["input_ids", "attention_mask"], **SPECIAL_TOKENS)
@@ -323,16 +320,16 @@ def write_m2m100(checkpoint: CheckpointView, folder: str, dict_path: Optional[st
     check_dense(config)
     task = task_config(checkpoint.state)
     embedding = checkpoint.model["encoder.embed_tokens.weight"]
-    dictionary, style = vocabulary(dict_path, task, int(embedding.shape[0]))
-    rule = convention(task, style, direction)
+    langs = task_languages(task)
+    dictionary, style = vocabulary(dict_path, task, langs, int(embedding.shape[0]))
+    rule = convention(task, langs, style, direction)
     model, widths, dropped = m2m100_weights(checkpoint, config)
     ids = {"decoder_start_token_id": dictionary.index(rule.decoder_start),
            "forced_bos_token_id": dictionary.index(rule.forced_bos) if rule.forced_bos else None}
     dtype = torch.float16 if fp16 else None
     hf = m2m100_config(config, len(dictionary), widths, ids, dtype or embedding.dtype)
-    languages = [get_lang_tok(lang, style) for lang in task_languages(task) or []]
     if spm_path is not None:
-        write_tokenizer(folder, spm_path, dictionary, rule, languages)
+        write_tokenizer(folder, spm_path, dictionary, rule, [get_lang_tok(lang, style) for lang in langs or []])
     hf.save_pretrained(folder)
     generation_config(hf).save_pretrained(folder)
     write_safetensors(model, folder, checkpoint.records, dtype, max_shard_size)

@@ -14,7 +14,7 @@ from fairseq.data import Dictionary
 
 from fairseq_moe_prune import cli
 from fairseq_moe_prune.checkpoints.safe_load import load_checkpoint
-from tests.conftest import LANGS, multilingual_args, run_cli
+from tests.conftest import LANGS, run_cli, task_moe_args
 from tests.helpers import USER_DIR, import_extra
 
 pytestmark = pytest.mark.slow
@@ -25,16 +25,12 @@ SOURCE, TARGET = "eng_Latn", "deu_Latn"
 LIMIT = 200  # fairseq-generate's default --max-len-b, and the M2M100 generation config's
 
 
-def task_args(corpus):
-    return [*multilingual_args(corpus), "--lang-tok-replacing-bos-eos"]
-
-
 @pytest.fixture(scope="module")
 def prenorm_task_moe(corpus, tmp_path_factory) -> Path:
     """A tiny pre-norm task-MoE (NLLB's layer order, which M2M100 has), trained until most test translations
     end before the length limit (1,200 updates, about 40 s)."""
     save_dir = tmp_path_factory.mktemp("prenorm_task_moe")
-    run_cli(["fairseq-train", *task_args(corpus), "--arch", "moe_transformer_toy", "--share-all-embeddings",
+    run_cli(["fairseq-train", *task_moe_args(corpus), "--arch", "moe_transformer_toy", "--share-all-embeddings",
              "--encoder-normalize-before", "--decoder-normalize-before", "--moe-task-routing", "both",
              "--moe-task", "target", "--criterion", "moe_label_smoothed_cross_entropy", "--moe-gate-loss-wt", "0.01",
              "--label-smoothing", "0.1", "--optimizer", "adam", "--lr", "0.005", "--lr-scheduler", "inverse_sqrt",
@@ -74,7 +70,7 @@ def fairseq_dictionary(corpus) -> Dictionary:
 
 def fairseq_generate(corpus, checkpoint, beam):
     """{sentence id: hypothesis pieces} of stock fairseq-generate (no --user-dir), fairseq's default length limit."""
-    args = task_args(corpus)
+    args = task_moe_args(corpus)
     at = args.index("--user-dir")
     result = run_cli(["fairseq-generate", *args[:at], *args[at + 2:], "--path", str(checkpoint), "--source-lang", SOURCE,
                       "--target-lang", TARGET, "--gen-subset", "test", "--beam", str(beam), "--batch-size", "7",
